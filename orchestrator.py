@@ -1,0 +1,1645 @@
+"""Simple Task Orchestrator: a work queue of prompts for AI coding agents.
+
+Clients create tasks (a prompt plus the absolute work directory it applies to);
+workers claim the next task for their directory, hold it under a lease, and
+report success or failure. Failures and expired leases are retried up to a
+limit. Everything is visible through statistics and a health check.
+
+Needs Python 3.11+, bottle and waitress. The store lives in memory: a restart
+loses every task. Delivery is at-least-once: a task whose lease expires is
+handed to the next worker, and its former holder can no longer report on it.
+
+Run it:
+
+    python orchestrator.py --port 8080      # or: make run
+
+Embed it in tests:
+
+    with running_server() as url:
+        ...                                  # talk HTTP to url
+
+Sections: configuration, errors, request declarations, the task, the store,
+the rate limiter, HTTP, logging, serving and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import copy
+import dataclasses
+import functools
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import math
+import ntpath
+import os
+import posixpath
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import parse_qsl, urlsplit
+
+import bottle
+import waitress
+import waitress.trigger
+import waitress.wasyncore
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Conflict",
+    "Field",
+    "NotFound",
+    "OrchestratorError",
+    "RateLimiter",
+    "RateLimited",
+    "Schema",
+    "Task",
+    "TaskStore",
+    "ValidationError",
+    "create_app",
+    "main",
+    "running_server",
+]
+
+__version__ = "1.0.0"
+
+logger = logging.getLogger("orchestrator")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    """A parser for a whole number from low to high."""
+    def parse(raw: str) -> int:
+        if not re.fullmatch(r"\s*-?\d{1,18}\s*", raw):
+            raise ValueError(f"an integer from {low} to {high}")
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return value
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    """A parser for one of a few words, in any case."""
+    def parse(raw: str) -> str:
+        if raw.strip().lower() not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return raw.strip().lower()
+    return parse
+
+
+def _text(raw: str) -> str:
+    """Any non-empty text, as it is."""
+    return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of origins such as https://app.example:8443."""
+    origins = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for origin in origins:
+        if _origin_key(origin) is None:
+            raise ValueError("comma-separated origins like http://localhost:3000")
+    return origins
+
+
+#: Every setting once: its environment variable, its attribute, its parser.
+_SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+    ("APP_SERVER_HOST", "host", _text),
+    ("APP_SERVER_PORT", "port", _integer(0, 65535)),
+    ("APP_SERVER_THREADS", "threads", _integer(1, 1000)),
+    ("APP_SERVER_TIMEOUT", "timeout", _integer(1, 86400)),
+    ("APP_SERVER_MAX_BODY", "max_body", _integer(1, 2**31 - 1)),
+    ("APP_TASK_MAX_RETRIES", "max_retries", _integer(0, 100)),
+    ("APP_TASK_TIMEOUT", "task_timeout", _integer(1, 31_536_000)),
+    ("APP_TASK_RETENTION", "retention", _integer(0, 3_153_600_000)),
+    ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
+    ("APP_SECURITY_API_KEY", "api_key", _text),
+    ("APP_SECURITY_ALLOWED_ORIGINS", "allowed_origins", _origins),
+    ("APP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    ("APP_LOG_FORMAT", "log_format", _choice("pretty", "json")),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the service; `Config.from_env()` reads them from the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 8
+    timeout: int = 30
+    max_body: int = 1_048_576
+    max_retries: int = 3
+    task_timeout: int = 3600
+    retention: int = 604_800
+    rate_limit: int = 1000
+    api_key: str | None = field(default=None, repr=False)  # never printed
+    allowed_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_format: str = "pretty"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read the APP_* variables; None means os.environ. Raises ConfigError."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for variable, attribute, parse in _SETTINGS:
+            raw = environ.get(variable, "")
+            if raw != "":  # an empty variable counts as unset, as in most shells
+                values[attribute] = _parse_setting(variable, parse, raw)
+        return cls(**values)
+
+    def with_flags(self, **flags: str | None) -> Config:
+        """This configuration with command-line flags (already strings) laid over it."""
+        parsers = {attribute: parse for _, attribute, parse in _SETTINGS}
+        changes = {
+            name: _parse_setting("--" + name, parsers[name], raw)
+            for name, raw in flags.items()
+            if raw is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_setting(name: str, parse: Callable[[str], object], raw: str) -> object:
+    """Parse one setting, naming it and what it accepts when the value is bad."""
+    try:
+        return parse(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name} must be {error}") from None
+
+
+# ---------------------------------------------------------------------------
+# Errors: domain code raises these; one place in HTTP turns them into envelopes
+# ---------------------------------------------------------------------------
+
+class OrchestratorError(Exception):
+    """The root of every error the service answers with; carries its HTTP status and code."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str = "internal server error", **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error calls for."""
+        return {}
+
+
+class ConfigError(OrchestratorError, ValueError):
+    """A setting has a value the service cannot use; the message names it."""
+
+
+class ValidationError(OrchestratorError):
+    """A request is malformed: bad JSON, a wrong type, a missing or invalid field."""
+
+    status = 400
+    code = "VALIDATION_ERROR"
+
+
+class Unauthorized(OrchestratorError):
+    """An API key is configured and the request did not carry it."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="orchestrator"'}
+
+
+class Forbidden(OrchestratorError):
+    """A browser request from an origin that is not allowed."""
+
+    status = 403
+    code = "FORBIDDEN"
+
+
+class NotFound(OrchestratorError):
+    """No such task, or no such route."""
+
+    status = 404
+    code = "NOT_FOUND"
+
+
+class MethodNotAllowed(OrchestratorError):
+    """The route exists but not with this method."""
+
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(f"method not allowed; allowed: {allow}", allow=allow.split(","))
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class Conflict(OrchestratorError):
+    """The task's state, or its holder, forbids this change."""
+
+    status = 409
+    code = "CONFLICT"
+
+
+class PayloadTooLarge(OrchestratorError):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(OrchestratorError):
+    """A request body that is not application/json."""
+
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class RateLimited(OrchestratorError):
+    """The client sent more requests than the limit allows; `retry_after` says when to retry."""
+
+    status = 429
+    code = "RATE_LIMIT_EXCEEDED"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"rate limit exceeded; retry in {retry_after} s", retry_after=retry_after)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+# ---------------------------------------------------------------------------
+# Request declarations: each body and query is declared once, validation is
+# derived from the declaration (and, later, the MCP and OpenAPI schemas).
+# ---------------------------------------------------------------------------
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One declared field: its JSON type, its limits, and how its value is normalized."""
+
+    name: str
+    type: str
+    required: bool = False
+    default: object = None  #: copied into the cleaned request when the field is absent
+    description: str = ""
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None  #: searched, as JSON Schema does; `pattern_rule` says it in words
+    pattern_rule: str = ""
+    enum: tuple[str, ...] | None = None  #: checked after `normalize`
+    minimum: int | None = None
+    maximum: int | None = None
+    items: Field | None = None
+    max_items: int | None = None
+    max_depth: int | None = None  #: how deeply an object may nest
+    schema: Schema | None = None  #: the declared fields of an object
+    normalize: Callable[[object], object] | None = None
+
+    def clean(self, value: object, path: str) -> object:
+        """Check a value against this field and return it normalized; raise ValidationError."""
+        if not isinstance(value, _JSON_TYPES[self.type]) or (
+            self.type == "integer" and isinstance(value, bool)
+        ):
+            raise _invalid(path, f"must be {'an' if self.type[0] in 'aeiou' else 'a'} {self.type}")
+        if self.type == "string":
+            self._check_string(value, path)
+        elif self.type == "integer":
+            self._check_range(value, path)
+        elif self.type == "array":
+            value = self._clean_items(value, path)
+        elif self.type == "object":
+            value = self._clean_object(value, path)
+        if self.normalize is not None:
+            value = self.normalize(value)
+        if self.enum is not None and value not in self.enum:
+            raise _invalid(path, "must be one of " + ", ".join(self.enum))
+        return value
+
+    def _check_string(self, value: str, path: str) -> None:
+        """Length, pattern and well-formed Unicode."""
+        if self.min_length is not None and len(value) < self.min_length:
+            raise _invalid(path, f"must be at least {self.min_length} characters")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise _invalid(path, f"must be at most {self.max_length} characters")
+        if self.pattern is not None and not re.search(self.pattern, value):
+            raise _invalid(path, self.pattern_rule)
+        if _SURROGATES.search(value):
+            raise _invalid(path, "must be valid Unicode (no lone surrogates)")
+
+    def _check_range(self, value: int, path: str) -> None:
+        """The integer's bounds."""
+        if self.minimum is not None and value < self.minimum:
+            raise _invalid(path, f"must be at least {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise _invalid(path, f"must be at most {self.maximum}")
+
+    def _clean_items(self, value: list, path: str) -> list:
+        """The array's length, then each item against `items`."""
+        if self.max_items is not None and len(value) > self.max_items:
+            raise _invalid(path, f"must have at most {self.max_items} items")
+        if self.items is None:
+            return value
+        return [self.items.clean(item, f"{path}[{index}]") for index, item in enumerate(value)]
+
+    def _clean_object(self, value: dict, path: str) -> dict:
+        """The object's nesting depth, then its declared fields."""
+        if self.max_depth is not None and _nesting_exceeds(value, self.max_depth):
+            raise _invalid(path, f"must not nest deeper than {self.max_depth} levels")
+        if self.schema is None:
+            return value
+        return self.schema.clean(value, prefix=path + ".")
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """A declared request body or query: a named set of fields; anything else is rejected."""
+
+    name: str
+    fields: tuple[Field, ...]
+
+    def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
+        """Validate a payload and return its cleaned fields, defaults filled in."""
+        known = {f.name for f in self.fields}
+        unknown = sorted(key for key in payload if key not in known)
+        if unknown:
+            names = ", ".join(prefix + name for name in unknown)
+            raise ValidationError(
+                f"unknown fields: {names}; allowed: {', '.join(sorted(known)) or 'none'}",
+                fields=[prefix + name for name in unknown],
+            )
+        cleaned = {}
+        for declared in self.fields:
+            path = prefix + declared.name
+            if declared.name in payload:
+                cleaned[declared.name] = declared.clean(payload[declared.name], path)
+            elif declared.required:
+                raise _invalid(path, "is required")
+            elif declared.default is not None:
+                cleaned[declared.name] = copy.copy(declared.default)
+        return cleaned
+
+    def field(self, name: str) -> Field | None:
+        """The declared field of that name, if any."""
+        return next((f for f in self.fields if f.name == name), None)
+
+    def all_optional(self, name: str) -> Schema:
+        """The same fields, none required and none defaulted: the shape of a partial update."""
+        return Schema(
+            name, tuple(dataclasses.replace(f, required=False, default=None) for f in self.fields)
+        )
+
+
+def _invalid(path: str, rule: str) -> ValidationError:
+    """A ValidationError naming the field and the rule it broke."""
+    return ValidationError(f"{path}: {rule}", field=path)
+
+
+def _nesting_exceeds(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (stops looking past it)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if limit == 0:
+        return True
+    children = value.values() if isinstance(value, dict) else value
+    return any(_nesting_exceeds(child, limit - 1) for child in children)
+
+
+def _normalize_path(path: str) -> str:
+    """One spelling per directory: POSIX or Windows, redundant separators and dots removed."""
+    if path.startswith("/"):
+        return "/" + posixpath.normpath(path).lstrip("/")
+    return ntpath.normpath(path)
+
+
+def _unique(items: list) -> list:
+    """The items with duplicates dropped, first occurrence kept."""
+    return list(dict.fromkeys(items))
+
+
+WAITING, WORKING, COMPLETED, FAILED, CANCELLED = (
+    "waiting", "working", "completed", "failed", "cancelled",
+)
+STATUSES = (WAITING, WORKING, COMPLETED, FAILED, CANCELLED)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+PRIORITIES = ("high", "medium", "low")  # claim order
+_PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+_MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader holds exactly
+
+WORK_DIRECTORY = Field(
+    "work_directory", "string", required=True, min_length=1, max_length=1000,
+    pattern=r"^(/|[A-Za-z]:[\\/])[^\x00-\x1f\x7f]*$",
+    pattern_rule="must be an absolute path (/... or C:\\...) without control characters",
+    normalize=_normalize_path,
+    description="Absolute directory the task applies to; stored normalized.",
+)
+PROMPT = Field(
+    "prompt", "string", required=True, min_length=1, max_length=100_000,
+    pattern=r"\S", pattern_rule="must not be only whitespace",
+    description="What the agent is asked to do; stored verbatim.",
+)
+PRIORITY = Field(
+    "priority", "string", enum=PRIORITIES, default="medium", normalize=str.lower,
+    description="Claim order: high before medium before low; any case.",
+)
+TAG = Field("tag", "string", min_length=1, max_length=50)
+TAGS = Field(
+    "tags", "array", items=TAG, max_items=20, default=[], normalize=_unique,
+    description="Labels; duplicates are dropped, order kept.",
+)
+METADATA = Field(
+    "metadata", "object", max_depth=32, default={},
+    description="Any JSON object, nested at most 32 levels.",
+)
+MAX_RETRIES = Field(
+    "max_retries", "integer", minimum=0, maximum=100,
+    description="Re-queues allowed after failures; defaults to the server's setting.",
+)
+WORKER_ID = Field(
+    "worker_id", "string", min_length=1, max_length=100,
+    pattern=r"^[^\x00-\x1f\x7f]+$", pattern_rule="must be printable characters",
+    description="Who holds (or claims) the task.",
+)
+IDEMPOTENCY_KEY = Field(
+    "idempotency_key", "string", min_length=1, max_length=200,
+    description="A repeated create with the same key returns the first task.",
+)
+RESULT = Schema("TaskResult", (
+    Field("status", "string", enum=("success", "failure"), default="success"),
+    Field("output", "string", default=""),
+    Field("duration_ms", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER),
+    dataclasses.replace(METADATA, default=None),
+))
+
+TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES))
+TASK_UPDATE = TASK_CREATE.all_optional("TaskUpdate")
+TASK_COMPLETE = Schema("TaskComplete", (
+    dataclasses.replace(PROMPT, name="original_prompt", required=False,
+                        description="When given, must equal the task's prompt."),
+    WORKER_ID,
+    Field("result", "object", schema=RESULT,
+          description='Defaults to {"status": "success", "output": ""}.'),
+))
+TASK_FAIL = Schema("TaskFail", (
+    Field("error", "string", required=True, min_length=1, max_length=10_000),
+    WORKER_ID,
+    Field("retry", "boolean", default=True,
+          description="false makes the failure final whatever the retries left."),
+))
+TASK_HEARTBEAT = Schema("TaskHeartbeat", (dataclasses.replace(WORKER_ID, required=True),))
+TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
+TASK_RETRY = Schema("TaskRetry", ())
+CLAIM_QUERY = Schema("ClaimQuery", (
+    dataclasses.replace(WORK_DIRECTORY, name="work_path"),
+    dataclasses.replace(WORKER_ID, required=True),
+))
+LIST_QUERY = Schema("ListQuery", (
+    Field("status", "string", enum=STATUSES),
+    dataclasses.replace(PRIORITY, default=None),
+    WORKER_ID,
+    dataclasses.replace(WORK_DIRECTORY, required=False),
+    TAG,
+    Field("limit", "integer", minimum=1, maximum=1000, default=50),
+    Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0),
+))
+
+
+# ---------------------------------------------------------------------------
+# The task and its life cycle
+#
+#   create --> waiting --claim--> working --complete--> completed
+#                 ^  |               |  \--fail, or lease expired:
+#                 |  |               |       retries left? --> waiting (back of its priority)
+#                 |  |               |       none left     --> failed --retry--> waiting
+#                 |  +---cancel------+--cancel--> cancelled
+# ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Task:
+    """One prompt for one work directory, and where it stands."""
+
+    id: str
+    work_directory: str
+    prompt: str
+    priority: str
+    tags: list[str]
+    metadata: dict
+    max_retries: int
+    created_at: float
+    updated_at: float
+    status: str = WAITING
+    worker_id: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None  #: when it became completed, failed or cancelled
+    lease_expires_at: float | None = None
+    result: dict | None = None
+    error_message: str | None = None
+    retry_count: int = 0
+    number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
+    #: Its live entry in its directory's queue while waiting; any other entry is stale.
+    queue_entry: tuple | None = field(default=None, repr=False)
+    idempotency_key: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """The task as the API shows it, timestamps in RFC 3339 UTC."""
+        return {
+            "id": self.id,
+            "work_directory": self.work_directory,
+            "prompt": self.prompt,
+            "priority": self.priority,
+            "tags": list(self.tags),
+            "metadata": self.metadata,
+            "status": self.status,
+            "worker_id": self.worker_id,
+            "created_at": _rfc3339(self.created_at),
+            "updated_at": _rfc3339(self.updated_at),
+            "started_at": _rfc3339(self.started_at),
+            "completed_at": _rfc3339(self.completed_at),
+            "lease_expires_at": _rfc3339(self.lease_expires_at),
+            "result": self.result,
+            "error_message": self.error_message,
+            "retry_count": self.retry_count,
+            "max_retries": self.max_retries,
+        }
+
+
+def _rfc3339(timestamp: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------
+
+class _SortedKeys:
+    """Keys kept sorted in chunks: add and remove in O(log n + chunk), walk newest first.
+
+    A plain sorted list would move every later key on each insert; chunks of
+    at most 2 * CHUNK keys bound that work (the idea of sortedcontainers).
+    """
+
+    CHUNK = 256
+
+    def __init__(self) -> None:
+        self._chunks: list[list] = []
+        self._maxima: list = []  # the last key of each chunk, for bisecting
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def add(self, key: object) -> None:
+        """Insert a key that is not present."""
+        self._length += 1
+        if not self._chunks:
+            self._chunks.append([key])
+            self._maxima.append(key)
+            return
+        index = min(bisect.bisect_left(self._maxima, key), len(self._chunks) - 1)
+        chunk = self._chunks[index]
+        bisect.insort(chunk, key)
+        self._maxima[index] = chunk[-1]
+        if len(chunk) > 2 * self.CHUNK:
+            self._chunks[index:index + 1] = [chunk[:self.CHUNK], chunk[self.CHUNK:]]
+            self._maxima[index:index + 1] = [chunk[self.CHUNK - 1], chunk[-1]]
+
+    def remove(self, key: object) -> None:
+        """Remove a key that is present."""
+        self._length -= 1
+        index = bisect.bisect_left(self._maxima, key)
+        chunk = self._chunks[index]
+        del chunk[bisect.bisect_left(chunk, key)]
+        if chunk:
+            self._maxima[index] = chunk[-1]
+        else:
+            del self._chunks[index], self._maxima[index]
+
+    def __reversed__(self) -> Iterator:
+        for chunk in reversed(self._chunks):
+            yield from reversed(chunk)
+
+
+def _pop_due(heap: list, now: float) -> Iterator[tuple]:
+    """Pop the entries of a (deadline, ...) heap whose deadline has come."""
+    while heap and heap[0][0] <= now:
+        yield heapq.heappop(heap)
+
+
+class TaskStore:
+    """The thread-safe, in-memory store of tasks and their life cycle.
+
+    Every method validates its input against the declarations above, then
+    does its work in one step under the lock. Time comes from `clock` (epoch
+    seconds), so a test can expire a lease without sleeping:
+
+        now = [1000.0]
+        store = TaskStore(task_timeout=60, clock=lambda: now[0])
+        task, _ = store.create({"work_directory": "/repo", "prompt": "fix it"})
+        store.claim("/repo", "agent-1")
+        now[0] += 61                      # the lease has expired
+        store.get(task.id).status         # 'waiting', retry_count 1
+
+    Methods raise ValidationError for bad input, NotFound for an unknown task,
+    and Conflict when the task's state or holder forbids the change.
+    """
+
+    def __init__(
+        self,
+        max_retries: int = 3,
+        task_timeout: float = 3600,
+        retention: float = 604_800,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_retries = max_retries
+        self.task_timeout = task_timeout
+        self.retention = retention  #: seconds finished tasks are kept; 0 keeps them forever
+        self._clock = clock
+        self._started_at = clock()
+        #: The lock guards every attribute below. Under it: change state, nothing
+        #: else. Logging and JSON encoding happen after it is released.
+        self._lock = threading.Lock()
+        self._tasks: dict[str, Task] = {}  # by id, in creation order
+        self._by_status = {status: _SortedKeys() for status in STATUSES}  # (number, id)
+        self._queues: dict[str, list[tuple]] = {}  # directory -> heap of (rank, seq, id)
+        self._stale_entries = 0  # queue entries whose task left the queue
+        self._leases: list[tuple[float, str]] = []  # heap of (lease_expires_at, id)
+        self._finished: list[tuple[float, str]] = []  # heap of (completed_at, id)
+        self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (task id, fingerprint)
+        self._sequence = itertools.count(1)
+        self._completed_seconds = 0.0  # started -> completed, summed over completed tasks
+        self._retries_total = 0
+        self._expired_leases_total = 0
+
+    # -- the operations ------------------------------------------------------
+
+    def create(self, fields: Mapping[str, object], idempotency_key: str | None = None
+               ) -> tuple[Task, bool]:
+        """Queue a new task; return it and whether it was created (False: the key was seen)."""
+        values = TASK_CREATE.clean(fields)
+        if idempotency_key is not None:
+            IDEMPOTENCY_KEY.clean(idempotency_key, "Idempotency-Key")
+        fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        with self._transaction() as (now, events):
+            if idempotency_key in self._idempotency:
+                task_id, seen = self._idempotency[idempotency_key]
+                if seen != fingerprint:
+                    raise Conflict("Idempotency-Key was already used with a different body")
+                return copy.copy(self._tasks[task_id]), False
+            task = Task(
+                id=str(uuid.uuid4()),
+                max_retries=values.pop("max_retries", self.max_retries),
+                created_at=now,
+                updated_at=now,
+                number=next(self._sequence),
+                idempotency_key=idempotency_key,
+                **values,
+            )
+            self._tasks[task.id] = task
+            self._file(task)
+            self._enqueue(task, next(self._sequence))
+            if idempotency_key is not None:
+                self._idempotency[idempotency_key] = (task.id, fingerprint)
+            events.append(_event("created", task, prompt=_shorten(task.prompt)))
+            return copy.copy(task), True
+
+    def claim(self, work_path: str, worker_id: str) -> Task | None:
+        """Hand the next waiting task of a directory to a worker, or None when none waits.
+
+        Next means the highest priority, then the one that entered waiting first.
+        """
+        query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id})
+        with self._transaction() as (now, events):
+            task = self._pop_queue(query["work_path"])
+            if task is None:
+                return None
+            self._set_status(task, WORKING, now)
+            task.worker_id = query["worker_id"]
+            task.started_at = now
+            self._lease(task, now)
+            events.append(_event("claimed", task))
+            return copy.copy(task)
+
+    def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
+        """Record the holder's result; a result with status "failure" counts as a failure."""
+        values = TASK_COMPLETE.clean(fields or {})
+        result = values.get("result") or RESULT.clean({})
+        with self._transaction() as (now, events):
+            task = self._held(task_id, values.get("worker_id"))
+            if values.get("original_prompt", task.prompt) != task.prompt:
+                raise Conflict("original_prompt does not match the task's prompt")
+            task.result = result
+            if result["status"] == "failure":
+                message = result["output"] or "the worker reported a failure"
+                self._fail(task, message, True, now, events)
+            else:
+                self._finish(task, COMPLETED, now)
+                events.append(_event("completed", task))
+            return copy.copy(task)
+
+    def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
+        """Record the holder's failure: re-queued while retries are left, else failed."""
+        values = TASK_FAIL.clean(fields)
+        with self._transaction() as (now, events):
+            task = self._held(task_id, values.get("worker_id"))
+            self._fail(task, values["error"], values["retry"], now, events)
+            return copy.copy(task)
+
+    def heartbeat(self, task_id: str, fields: Mapping[str, object]) -> Task:
+        """Extend the holder's lease to a full task timeout from now."""
+        values = TASK_HEARTBEAT.clean(fields)
+        with self._transaction() as (now, _):
+            task = self._held(task_id, values["worker_id"])
+            self._lease(task, now)
+            task.updated_at = now
+            return copy.copy(task)
+
+    def cancel(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
+        """Stop a waiting or working task for good; the reason goes to error_message."""
+        values = TASK_CANCEL.clean(fields or {})
+        with self._transaction() as (now, events):
+            task = self._find(task_id)
+            self._require(task, (WAITING, WORKING), "cancel")
+            if task.status == WAITING:
+                self._unqueue(task)
+            if "reason" in values:
+                task.error_message = values["reason"]
+            self._finish(task, CANCELLED, now)
+            events.append(_event("cancelled", task))
+            return copy.copy(task)
+
+    def retry(self, task_id: str) -> Task:
+        """Put a failed task back in the queue, even past max_retries: a person decided."""
+        with self._transaction() as (now, events):
+            task = self._find(task_id)
+            self._require(task, (FAILED,), "retry")
+            task.retry_count += 1
+            self._retries_total += 1
+            self._requeue(task, now)
+            events.append(_event("re-queued", task))
+            return copy.copy(task)
+
+    def get(self, task_id: str) -> Task:
+        """The task with that id."""
+        with self._transaction():
+            return copy.copy(self._find(task_id))
+
+    def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
+        """Change a waiting task's fields; a new priority or directory keeps its place in time."""
+        values = TASK_UPDATE.clean(fields)
+        if not values:
+            raise ValidationError(
+                "nothing to update; send any of " + ", ".join(f.name for f in TASK_UPDATE.fields)
+            )
+        with self._transaction() as (now, events):
+            task = self._find(task_id)
+            self._require(task, (WAITING,), "update")
+            moves = values.keys() & {"priority", "work_directory"}
+            seq = task.queue_entry[1]  # its place in time survives the move
+            if moves:
+                self._unqueue(task)
+            for name, value in values.items():
+                setattr(task, name, value)
+            if moves:
+                self._enqueue(task, seq)
+            task.updated_at = now
+            events.append(_event("updated", task))
+            return copy.copy(task)
+
+    def delete(self, task_id: str) -> None:
+        """Remove a task in any state."""
+        with self._transaction() as (_, events):
+            task = self._find(task_id)
+            self._remove(task)
+            events.append(_event("deleted", task))
+
+    def list(self, filters: Mapping[str, object] | None = None) -> dict:
+        """A page of tasks, newest first: {"tasks", "total", "limit", "offset", "has_more"}.
+
+        Unfiltered, or filtered by status only, the page costs O(limit + offset).
+        """
+        query = LIST_QUERY.clean(filters or {})
+        limit, offset = query.pop("limit"), query.pop("offset")
+        status = query.pop("status", None)
+        with self._transaction():
+            if status is None:
+                newest = (task for task in reversed(self._tasks.values()))
+                total = len(self._tasks)
+            else:
+                newest = (self._tasks[task_id] for _, task_id in reversed(self._by_status[status]))
+                total = len(self._by_status[status])
+            if query:
+                matching = [task for task in newest if _matches(task, query)]
+                total = len(matching)
+                page = matching[offset:offset + limit]
+            else:
+                page = list(itertools.islice(newest, offset, offset + limit))
+            tasks = [copy.copy(task) for task in page]
+        return {
+            "tasks": tasks,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "has_more": offset + len(tasks) < total,
+        }
+
+    def statistics(self) -> dict:
+        """Counts by status, success rate, retries, expired leases, mean duration; O(1)."""
+        with self._transaction() as (now, _):
+            counts = {status: len(self._by_status[status]) for status in STATUSES}
+            total = len(self._tasks)
+            completed_seconds = self._completed_seconds
+            retries, expired = self._retries_total, self._expired_leases_total
+        finished = counts[COMPLETED] + counts[FAILED]
+        return {
+            "total_tasks": total,
+            **{f"{status}_tasks": count for status, count in counts.items()},
+            "active_tasks": counts[WAITING] + counts[WORKING],
+            "success_rate": round(counts[COMPLETED] / finished, 4) if finished else 0.0,
+            "retries_total": retries,
+            "expired_leases_total": expired,
+            "average_duration_ms": (
+                round(1000 * completed_seconds / counts[COMPLETED], 1) if counts[COMPLETED] else None
+            ),
+            "uptime_seconds": round(now - self._started_at, 3),
+        }
+
+    # -- one step under the lock ---------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[tuple[float, list[dict]]]:
+        """Hold the lock for one operation, after applying what time has decided.
+
+        Yields (now, events); the events are logged once the lock is released.
+        """
+        events: list[dict] = []
+        try:
+            with self._lock:
+                now = self._clock()
+                self._settle(now, events)
+                yield now, events
+        finally:
+            _log_events(events)
+
+    def _settle(self, now: float, events: list[dict]) -> None:
+        """Fail the leases that expired, then drop finished tasks past retention."""
+        for deadline, task_id in _pop_due(self._leases, now):
+            task = self._tasks.get(task_id)
+            if task is not None and task.status == WORKING and task.lease_expires_at == deadline:
+                self._expired_leases_total += 1
+                events.append(_event("lease expired", task))
+                self._fail(task, "lease expired", True, now, events)
+        if self.retention:
+            for finished_at, task_id in _pop_due(self._finished, now - self.retention):
+                task = self._tasks.get(task_id)
+                if task is not None and task.status in FINISHED and task.completed_at == finished_at:
+                    self._remove(task)
+                    events.append(_event("dropped after retention", task))
+
+    # -- transitions (lock held) ---------------------------------------------
+
+    def _fail(self, task: Task, message: str, retry: bool, now: float, events: list[dict]) -> None:
+        """A failed attempt: back to waiting while retries are left and wanted, else failed."""
+        task.error_message = message
+        if retry and task.retry_count < task.max_retries:
+            task.retry_count += 1
+            self._retries_total += 1
+            self._requeue(task, now)
+            events.append(_event("re-queued", task, error=_shorten(message)))
+        else:
+            self._finish(task, FAILED, now)
+            events.append(_event("failed", task, error=_shorten(message)))
+
+    def _requeue(self, task: Task, now: float) -> None:
+        """Back to waiting, at the back of its priority, with no holder."""
+        self._set_status(task, WAITING, now)
+        task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
+        self._enqueue(task, next(self._sequence))
+
+    def _finish(self, task: Task, status: str, now: float) -> None:
+        """Into a final state; retention counts from now."""
+        task.lease_expires_at = None
+        task.completed_at = now
+        self._set_status(task, status, now)
+        if self.retention:
+            heapq.heappush(self._finished, (now, task.id))
+
+    def _lease(self, task: Task, now: float) -> None:
+        """Give the holder a lease of one task timeout from now."""
+        task.lease_expires_at = now + self.task_timeout
+        heapq.heappush(self._leases, (task.lease_expires_at, task.id))
+
+    def _set_status(self, task: Task, status: str, now: float) -> None:
+        """Move a task to another status, keeping the indexes and counters true."""
+        self._unfile(task)
+        task.status = status
+        task.updated_at = now
+        self._file(task)
+
+    def _remove(self, task: Task) -> None:
+        """Forget a task entirely: indexes, queue entry and idempotency key."""
+        if task.status == WAITING:
+            self._unqueue(task)
+        self._unfile(task)
+        del self._tasks[task.id]
+        self._idempotency.pop(task.idempotency_key, None)
+
+    # -- indexes (lock held) -------------------------------------------------
+
+    def _file(self, task: Task) -> None:
+        """Count the task under its status."""
+        self._by_status[task.status].add((task.number, task.id))
+        if task.status == COMPLETED:
+            self._completed_seconds += task.completed_at - task.started_at
+
+    def _unfile(self, task: Task) -> None:
+        """Stop counting the task under its status."""
+        self._by_status[task.status].remove((task.number, task.id))
+        if task.status == COMPLETED:
+            self._completed_seconds -= task.completed_at - task.started_at
+
+    def _enqueue(self, task: Task, seq: int) -> None:
+        """Put a waiting task in its directory's queue at position `seq` of its priority."""
+        task.queue_entry = (_PRIORITY_RANK[task.priority], seq, task.id)
+        heapq.heappush(self._queues.setdefault(task.work_directory, []), task.queue_entry)
+
+    def _unqueue(self, task: Task) -> None:
+        """Take a waiting task out of its queue: its entry goes stale, to be skipped later."""
+        task.queue_entry = None
+        self._stale_entries += 1
+        if self._stale_entries > len(self._by_status[WAITING]) + 1024:
+            self._compact_queues()
+
+    def _pop_queue(self, directory: str) -> Task | None:
+        """The next live task of a directory's queue, taken out of it."""
+        heap = self._queues.get(directory)
+        task = None
+        while heap and task is None:
+            entry = heapq.heappop(heap)
+            candidate = self._tasks.get(entry[2])
+            if candidate is not None and candidate.queue_entry is entry:
+                task = candidate
+                task.queue_entry = None
+            else:
+                self._stale_entries -= 1
+        if heap is not None and not heap:
+            del self._queues[directory]
+        return task
+
+    def _compact_queues(self) -> None:
+        """Rebuild the queues without stale entries, so cancelled tasks do not pile up."""
+        live = {}
+        for directory, heap in self._queues.items():
+            entries = [e for e in heap if self._tasks.get(e[2]) and self._tasks[e[2]].queue_entry is e]
+            if entries:
+                heapq.heapify(entries)
+                live[directory] = entries
+        self._queues = live
+        self._stale_entries = 0
+
+    # -- lookups (lock held) -------------------------------------------------
+
+    def _find(self, task_id: str) -> Task:
+        """The task with that id, or NotFound."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {_shorten(task_id)} not found")
+        return task
+
+    def _held(self, task_id: str, worker_id: str | None) -> Task:
+        """A working task, held by worker_id when one is given; Conflict otherwise."""
+        task = self._find(task_id)
+        self._require(task, (WORKING,), "report on")
+        if worker_id is not None and worker_id != task.worker_id:
+            raise Conflict(f"task {task.id} is not held by worker {worker_id}")
+        return task
+
+    @staticmethod
+    def _require(task: Task, statuses: tuple[str, ...], action: str) -> None:
+        """Conflict unless the task is in one of the statuses."""
+        if task.status not in statuses:
+            raise Conflict(
+                f"task {task.id} is {task.status}; can only {action} a "
+                f"{' or '.join(statuses)} task"
+            )
+
+
+def _matches(task: Task, query: Mapping[str, object]) -> bool:
+    """Whether a task passes the list filters other than status."""
+    return (
+        query.get("priority", task.priority) == task.priority
+        and query.get("worker_id", task.worker_id) == task.worker_id
+        and query.get("work_directory", task.work_directory) == task.work_directory
+        and ("tag" not in query or query["tag"] in task.tags)
+    )
+
+
+def _event(action: str, task: Task, **fields: object) -> dict:
+    """A transition to log once the lock is released."""
+    return {
+        "action": action,
+        "task_id": task.id,
+        "work_directory": task.work_directory,
+        "worker_id": task.worker_id,
+        **fields,
+    }
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """Text cut to `limit` characters for logs and messages."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# The rate limiter
+# ---------------------------------------------------------------------------
+
+class RateLimiter:
+    """A sliding-window limit of requests per client, in constant memory per client.
+
+    The window slides by weighting the previous fixed window's count by how much
+    of it still overlaps the last `window` seconds: two counters per client
+    rather than a timestamp per request. Clients idle for two windows are
+    forgotten, and at most `max_clients` are remembered (the least recently
+    seen go first), so a flood of addresses cannot grow memory without bound.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._clock = clock
+        #: The lock guards _clients: client -> [window number, count in it,
+        #: count in the window before], least recently seen first.
+        self._lock = threading.Lock()
+        self._clients: OrderedDict[str, list[int]] = OrderedDict()
+
+    def hit(self, client: str) -> int:
+        """Count one request from a client; return how many are left, or raise RateLimited."""
+        with self._lock:
+            now = self._clock()
+            counts = self._counts(client, int(now // self.window))
+            elapsed = now - counts[0] * self.window
+            used = counts[2] * (1 - elapsed / self.window) + counts[1]
+            if used + 1 > self.limit:
+                raise RateLimited(self._retry_after(counts, elapsed))
+            counts[1] += 1
+            return max(0, math.floor(self.limit - used - 1))
+
+    def __len__(self) -> int:
+        """How many clients are remembered."""
+        with self._lock:
+            return len(self._clients)
+
+    def _counts(self, client: str, current: int) -> list[int]:
+        """The client's counters rolled forward to the current window, marked most recent."""
+        self._forget(current)
+        window, count, previous = self._clients.pop(client, (current, 0, 0))
+        if window == current - 1:
+            counts = [current, 0, count]
+        elif window < current - 1:
+            counts = [current, 0, 0]
+        else:
+            counts = [current, count, previous]
+        self._clients[client] = counts
+        return counts
+
+    def _forget(self, current: int) -> None:
+        """Drop clients idle for two windows, and the least recent beyond max_clients."""
+        while self._clients:
+            oldest = next(iter(self._clients.values()))
+            if oldest[0] >= current - 1 and len(self._clients) < self.max_clients:
+                break
+            self._clients.popitem(last=False)
+
+    def _retry_after(self, counts: list[int], elapsed: float) -> int:
+        """Whole seconds (at least 1) until one more request fits."""
+        _, count, previous = counts
+        if count >= self.limit:
+            # This window is full: wait for it to end, then for its weight to fade.
+            wait = (self.window - elapsed) + self.window * (1 - (self.limit - 1) / count)
+        else:
+            # The previous window's weight is what is over: wait for it to fade.
+            wait = self.window * (1 - (self.limit - 1 - count) / previous) - elapsed
+        return max(1, math.ceil(wait))
+
+
+# ---------------------------------------------------------------------------
+# HTTP: the envelope, the gate every request passes, the routes
+# ---------------------------------------------------------------------------
+
+request = bottle.request  # thread-local: the request being handled
+response = bottle.response  # thread-local: the response being built
+
+
+def _envelope(data: object = None, error: OrchestratorError | None = None) -> bytes:
+    """The JSON body every response carries: {success, data, error, timestamp}."""
+    response.content_type = "application/json"
+    body = {
+        "success": error is None,
+        "data": data,
+        "error": None if error is None else {
+            "code": error.code, "message": error.message, "details": error.details,
+        },
+        "timestamp": _rfc3339(time.time()),
+    }
+    return json.dumps(body).encode()
+
+
+def _serve(gate: _Gate, handler: Callable[..., object], **url_args: str) -> bytes:
+    """Answer one request: the gate, the handler, and the envelope around either outcome."""
+    started = time.perf_counter()
+    try:
+        gate.admit()
+        body = _envelope(handler(**url_args))
+    except OrchestratorError as error:
+        body = _error_envelope(error)
+    except Exception:
+        logger.exception("unexpected error", extra={"method": request.method, "path": request.path})
+        body = _error_envelope(OrchestratorError())
+    logger.info("request", extra={
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "duration_ms": round(1000 * (time.perf_counter() - started), 1),
+        "client": request.environ.get("REMOTE_ADDR"),
+    })
+    return body
+
+
+def _error_envelope(error: OrchestratorError) -> bytes:
+    """The status, headers and envelope of an error."""
+    response.status = error.status
+    for name, value in error.headers().items():
+        response.set_header(name, value)
+    return _envelope(error=error)
+
+
+def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
+    """Bottle's own answers (no such route, wrong method, its last-resort 500) as envelopes."""
+    def refuse() -> None:
+        if error.status_code == 404:
+            raise NotFound(f"no route for {request.method} {_shorten(request.path)}")
+        if error.status_code == 405:
+            raise MethodNotAllowed(error.headers["Allow"])
+        raise OrchestratorError()
+    return _serve(gate, refuse)
+
+
+class _Gate:
+    """What a request must pass before its handler runs: origin, rate limit, API key, body size."""
+
+    def __init__(self, config: Config) -> None:
+        self.api_key = config.api_key
+        self.max_body = config.max_body
+        self.allowed_origins = {_origin_key(origin) for origin in config.allowed_origins}
+        self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+
+    def admit(self) -> None:
+        """Raise the error that refuses the current request, if any."""
+        if request.path.startswith("/api/"):
+            self._check_origin()
+            self._check_rate()
+            self._check_api_key()
+        self._check_body_size()
+
+    def _check_origin(self) -> None:
+        """A browser page from a foreign origin must not reach the queue."""
+        origin = request.get_header("Origin")
+        if origin is None:
+            return
+        own = _origin_key(f"{request.environ['wsgi.url_scheme']}://{_host_header()}")
+        key = _origin_key(origin)
+        if key is None or (key != own and key not in self.allowed_origins):
+            raise Forbidden(f"origin {_shorten(origin)} is not allowed")
+
+    def _check_rate(self) -> None:
+        """Count the request against its client address."""
+        if self.limiter is None:
+            return
+        response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
+        response.set_header("X-RateLimit-Remaining", "0")  # stays when the limiter refuses
+        remaining = self.limiter.hit(request.environ.get("REMOTE_ADDR") or "unknown")
+        response.set_header("X-RateLimit-Remaining", str(remaining))
+
+    def _check_api_key(self) -> None:
+        """When a key is configured, require it as a bearer token (compared in constant time)."""
+        if self.api_key is None:
+            return
+        scheme, _, token = (request.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise Unauthorized("missing or wrong API key; send Authorization: Bearer <key>")
+
+    def _check_body_size(self) -> None:
+        """Refuse a declared body over the limit before reading any of it."""
+        declared = request.environ.get("CONTENT_LENGTH") or "0"
+        if not declared.isdigit():
+            raise ValidationError("Content-Length must be a number of bytes")
+        if int(declared) > self.max_body:
+            raise PayloadTooLarge(
+                f"request body is {declared} bytes; the limit is {self.max_body}",
+                limit=self.max_body,
+            )
+
+
+def _host_header() -> str:
+    """The Host the client addressed (not X-Forwarded-Host, which anyone can send)."""
+    environ = request.environ
+    return environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, default ports filled in; None when malformed."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None or parts.path:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def _json_body() -> dict:
+    """The request body as a JSON object; no body at all reads as {}."""
+    length = int(request.environ.get("CONTENT_LENGTH") or 0)
+    if length == 0:
+        return {}
+    media_type = (request.content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"request body must be application/json, not {media_type or 'untyped'}"
+        )
+    raw = request.environ["wsgi.input"].read(length)
+    try:
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ValidationError("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise ValidationError("request body nests too deeply") from None
+    except ValueError as error:
+        raise ValidationError(f"request body is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise ValidationError("request body must be a JSON object")
+    return payload
+
+
+def _reject_constant(name: str) -> None:
+    """NaN and Infinity are not JSON, whatever Python's parser allows."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _query(schema: Schema) -> dict:
+    """The query string checked against its declaration, integers converted."""
+    try:
+        pairs = parse_qsl(request.environ.get("QUERY_STRING", ""),
+                          keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ValidationError("query string is not valid UTF-8") from None
+    query: dict[str, object] = {}
+    for name, value in pairs:
+        if name in query:
+            raise _invalid(name, "must be given at most once")
+        declared = schema.field(name)
+        if declared is not None and declared.type == "integer":
+            if not re.fullmatch(r"-?\d{1,18}", value):
+                raise _invalid(name, "must be an integer")
+            query[name] = int(value)
+        else:
+            query[name] = value
+    return schema.clean(query)
+
+
+def _create_task(store: TaskStore) -> dict:
+    """Create a task; a repeated Idempotency-Key returns the first one with 200."""
+    task, created = store.create(_json_body(), request.get_header("Idempotency-Key"))
+    if created:
+        response.status = 201
+        response.set_header("Location", f"/api/v1/tasks/{task.id}")
+    return task.to_dict()
+
+
+def _claim_task(store: TaskStore) -> dict | None:
+    """Claim the next task of a directory for a worker; null when none waits."""
+    task = store.claim(**_query(CLAIM_QUERY))
+    return None if task is None else task.to_dict()
+
+
+def _complete_task(store: TaskStore, task_id: str) -> dict:
+    """Report a held task done."""
+    return store.complete(task_id, _json_body()).to_dict()
+
+
+def _fail_task(store: TaskStore, task_id: str) -> dict:
+    """Report a held task failed."""
+    return store.fail(task_id, _json_body()).to_dict()
+
+
+def _heartbeat_task(store: TaskStore, task_id: str) -> dict:
+    """Extend the lease on a held task."""
+    return store.heartbeat(task_id, _json_body()).to_dict()
+
+
+def _cancel_task(store: TaskStore, task_id: str) -> dict:
+    """Cancel a waiting or working task."""
+    return store.cancel(task_id, _json_body()).to_dict()
+
+
+def _retry_task(store: TaskStore, task_id: str) -> dict:
+    """Queue a failed task again."""
+    TASK_RETRY.clean(_json_body())
+    return store.retry(task_id).to_dict()
+
+
+def _get_task(store: TaskStore, task_id: str) -> dict:
+    """Read one task."""
+    return store.get(task_id).to_dict()
+
+
+def _update_task(store: TaskStore, task_id: str) -> dict:
+    """Change a waiting task."""
+    return store.update(task_id, _json_body()).to_dict()
+
+
+def _delete_task(store: TaskStore, task_id: str) -> dict:
+    """Delete a task."""
+    store.delete(task_id)
+    return {"id": task_id, "deleted": True}
+
+
+def _list_tasks(store: TaskStore) -> dict:
+    """A page of tasks, newest first."""
+    page = store.list(_query(LIST_QUERY))
+    return {**page, "tasks": [task.to_dict() for task in page["tasks"]]}
+
+
+def _statistics(store: TaskStore) -> dict:
+    """Counts, rates and totals."""
+    return store.statistics()
+
+
+def _health(store: TaskStore) -> dict:
+    """Liveness, version, uptime and queue depth; public."""
+    stats = store.statistics()
+    return {
+        "status": "healthy",
+        "version": __version__,
+        "uptime_seconds": stats["uptime_seconds"],
+        "tasks": {
+            "total": stats["total_tasks"],
+            "waiting": stats["waiting_tasks"],
+            "working": stats["working_tasks"],
+        },
+    }
+
+
+_ROUTES: tuple[tuple[str, str, Callable[..., object]], ...] = (
+    ("POST", "/api/v1/tasks", _create_task),
+    ("GET", "/api/v1/tasks", _list_tasks),
+    ("GET", "/api/v1/tasks/next", _claim_task),
+    ("GET", "/api/v1/tasks/<task_id>", _get_task),
+    ("PATCH", "/api/v1/tasks/<task_id>", _update_task),
+    ("DELETE", "/api/v1/tasks/<task_id>", _delete_task),
+    ("POST", "/api/v1/tasks/<task_id>/complete", _complete_task),
+    ("POST", "/api/v1/tasks/<task_id>/fail", _fail_task),
+    ("POST", "/api/v1/tasks/<task_id>/heartbeat", _heartbeat_task),
+    ("POST", "/api/v1/tasks/<task_id>/cancel", _cancel_task),
+    ("POST", "/api/v1/tasks/<task_id>/retry", _retry_task),
+    ("GET", "/api/v1/statistics", _statistics),
+    ("GET", "/health", _health),
+)
+
+
+def create_app(config: Config | None = None, store: TaskStore | None = None) -> bottle.Bottle:
+    """A fresh application over a store (a new one, from config, when none is given).
+
+        store = TaskStore(clock=fake_clock)
+        client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+        client.post_json("/api/v1/tasks", {"work_directory": "/repo", "prompt": "hi"})
+    """
+    config = config or Config()
+    if store is None:
+        store = TaskStore(config.max_retries, config.task_timeout, config.retention)
+    gate = _Gate(config)
+    app = bottle.Bottle()
+    for method, path, handler in _ROUTES:
+        app.route(path, method, functools.partial(_serve, gate, functools.partial(handler, store)))
+    app.default_error_handler = functools.partial(_serve_routing_error, gate)
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Logging: configured by main() only, so importing the module changes nothing
+# ---------------------------------------------------------------------------
+
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _log_events(events: list[dict]) -> None:
+    """Log the store's transitions, one line each."""
+    for event in events:
+        fields = {key: value for key, value in event.items() if key != "action"}
+        logger.info("task %s", event["action"], extra=fields)
+
+
+def _fields(record: logging.LogRecord) -> dict:
+    """The fields a log call passed in `extra`."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
+
+
+class _PrettyFormatter(logging.Formatter):
+    """One line for a person: time, level, message, then key=value fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = "".join(f" {key}={_quote(value)}" for key, value in _fields(record).items())
+        line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.getMessage()}{pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, msg and the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": _rfc3339(record.created),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _quote(value: object) -> str:
+    """A log value bare when it reads unambiguously, else as a JSON string."""
+    text = str(value)
+    return text if re.fullmatch(r"[^\s\"=]+", text) else json.dumps(text, ensure_ascii=False)
+
+
+def _configure_logging(config: Config) -> None:
+    """Send every logger's records to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else _PrettyFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+# ---------------------------------------------------------------------------
+# Serving and the command line
+# ---------------------------------------------------------------------------
+
+class _Server:
+    """A waitress server that runs in the calling thread until stop() is called."""
+
+    def __init__(self, app: bottle.Bottle, config: Config) -> None:
+        self._map: dict = {}  # waitress's socket map, ours so that stop() can wake it
+        self._wake = waitress.trigger.trigger(self._map)
+        self._waitress = waitress.create_server(
+            app,
+            map=self._map,
+            host=config.host,
+            port=config.port,
+            threads=config.threads,
+            channel_timeout=config.timeout,
+            max_request_body_size=config.max_body,
+            ident="simple-task-orchestrator",
+        )
+        listening = getattr(self._waitress, "effective_listen", None) or [
+            (self._waitress.effective_host, self._waitress.effective_port)
+        ]
+        host, port = listening[0]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        """Serve until stop(); then let the requests in flight finish and close every socket."""
+        while not self._stopping.is_set():
+            waitress.wasyncore.loop(
+                timeout=self._waitress.adj.asyncore_loop_timeout, map=self._map, count=1
+            )
+        self._waitress.task_dispatcher.shutdown()
+        waitress.wasyncore.close_all(self._map)
+
+    def stop(self) -> None:
+        """Make run() return; safe from another thread or a signal handler."""
+        self._stopping.set()
+        self._wake.pull_trigger()
+
+
+@contextmanager
+def running_server(config: Config | None = None, app: bottle.Bottle | None = None
+                   ) -> Iterator[str]:
+    """Serve an app on 127.0.0.1 at a free port in a background thread; yield its base URL.
+
+        with running_server(Config(rate_limit=0)) as url:
+            urllib.request.urlopen(url + "/health")
+    """
+    config = dataclasses.replace(config or Config(), host="127.0.0.1", port=0)
+    server = _Server(create_app(config) if app is None else app, config)
+    thread = threading.Thread(target=server.run, name="orchestrator-server", daemon=True)
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        thread.join()
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    """The command line's flags; each overrides its environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="orchestrator.py",
+        description="Serve the task orchestrator's REST API. Settings come from APP_* "
+                    "environment variables (see README.md); these flags override them.",
+    )
+    parser.add_argument("--host", help="listen address (APP_SERVER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", help="listen port, 0 for any free one "
+                                       "(APP_SERVER_PORT, default 8080)")
+    parser.add_argument("--threads", help="worker threads (APP_SERVER_THREADS, default 8)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGINT or SIGTERM; return the exit status (2 for a bad setting)."""
+    args = _argument_parser().parse_args(argv)
+    try:
+        config = Config.from_env().with_flags(host=args.host, port=args.port, threads=args.threads)
+    except ConfigError as error:
+        print(f"orchestrator.py: {error}", file=sys.stderr)
+        return 2
+    _configure_logging(config)
+    try:
+        server = _Server(create_app(config), config)
+    except OSError as error:
+        print(f"orchestrator.py: cannot listen on {config.host}:{config.port}: {error.strerror}",
+              file=sys.stderr)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    if not _is_loopback(config.host) and config.api_key is None:
+        logger.warning("listening on a non-loopback address without APP_SECURITY_API_KEY: "
+                       "anyone who reaches this port can queue prompts for your agents")
+    print(f"orchestrator {__version__} listening on {server.url}", flush=True)
+    server.run()
+    logger.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
