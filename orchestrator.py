@@ -1548,7 +1548,8 @@ class _Server:
             port=config.port,
             threads=config.threads,
             channel_timeout=config.timeout,
-            max_request_body_size=config.max_body,
+            # Waitress refuses a body as large as its limit; ours admits one that size.
+            max_request_body_size=config.max_body + 1,
             ident="simple-task-orchestrator",
         )
         listening = getattr(self._waitress, "effective_listen", None) or [

@@ -1,0 +1,1292 @@
+"""Tests for orchestrator.py: the store, the REST API, the gate, configuration and serving."""
+
+import http.client
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+import wsgiref.util
+from pathlib import Path
+
+import pytest
+import webtest
+
+import orchestrator
+from orchestrator import (
+    Config,
+    ConfigError,
+    Conflict,
+    NotFound,
+    RateLimited,
+    RateLimiter,
+    TaskStore,
+    ValidationError,
+    create_app,
+    running_server,
+)
+
+MODULE = Path(orchestrator.__file__)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: clock -> store -> app -> client
+# ---------------------------------------------------------------------------
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock):
+    return TaskStore(max_retries=2, task_timeout=60, retention=3600, clock=clock)
+
+
+@pytest.fixture
+def config():
+    return Config(rate_limit=0)
+
+
+@pytest.fixture
+def app(config, store):
+    return create_app(config, store)
+
+
+@pytest.fixture
+def client(app):
+    return webtest.TestApp(app)
+
+
+@pytest.fixture
+def make_task(client):
+    """Create a task over HTTP and return its JSON."""
+    def make(**fields):
+        body = {"work_directory": "/repo", "prompt": "fix the bug", **fields}
+        return client.post_json("/api/v1/tasks", body, status=201).json["data"]
+    return make
+
+
+@pytest.fixture
+def claim(client):
+    """Claim over HTTP and return the task JSON or None."""
+    def claim(work_path="/repo", worker_id="w1"):
+        query = {"work_path": work_path, "worker_id": worker_id}
+        return client.get("/api/v1/tasks/next", query, status=200).json["data"]
+    return claim
+
+
+def task_url(task, action=""):
+    return f"/api/v1/tasks/{task['id']}" + (f"/{action}" if action else "")
+
+
+def statistics(client):
+    return client.get("/api/v1/statistics").json["data"]
+
+
+# ---------------------------------------------------------------------------
+# Creating tasks
+# ---------------------------------------------------------------------------
+
+TASK_FIELDS = {
+    "id", "work_directory", "prompt", "priority", "tags", "metadata", "status", "worker_id",
+    "created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "result",
+    "error_message", "retry_count", "max_retries",
+}
+
+
+def test_create_answers_201_with_location_and_every_field(client):
+    body = {"work_directory": "/repo", "prompt": "write tests"}
+    res = client.post_json("/api/v1/tasks", body, status=201)
+    task = res.json["data"]
+    assert res.json["success"] is True and res.json["error"] is None
+    assert res.headers["Location"] == f"/api/v1/tasks/{task['id']}"
+    assert set(task) == TASK_FIELDS
+    assert uuid.UUID(task["id"]).version == 4
+    assert task["status"] == "waiting"
+    assert task["created_at"].endswith("Z") and task["started_at"] is None
+
+
+def test_create_fills_defaults_from_declaration_and_config(make_task):
+    task = make_task()
+    assert task["priority"] == "medium"
+    assert task["tags"] == [] and task["metadata"] == {}
+    assert task["max_retries"] == 2  # the store's setting
+    assert task["retry_count"] == 0 and task["worker_id"] is None
+
+
+def test_every_timestamp_is_rfc3339_utc(make_task, clock):
+    task = make_task()
+    assert task["created_at"] == "2027-01-15T08:00:00.000Z"
+    assert clock.now == 1_800_000_000.0
+
+
+@pytest.mark.parametrize("given, stored", [
+    ("/a//b/", "/a/b"),
+    ("/a/./b/../c", "/a/c"),
+    ("//srv//x", "/srv/x"),
+    ("/", "/"),
+    ("C:/x//y/", "C:\\x\\y"),
+    ("c:\\Users\\me\\", "c:\\Users\\me"),
+])
+def test_work_directory_is_stored_normalized(make_task, given, stored):
+    assert make_task(work_directory=given)["work_directory"] == stored
+
+
+def test_priority_is_case_insensitive_and_tags_drop_duplicates(make_task):
+    task = make_task(priority="HiGh", tags=["b", "a", "b", "c", "a"])
+    assert task["priority"] == "high"
+    assert task["tags"] == ["b", "a", "c"]
+
+
+def test_prompt_is_stored_verbatim(make_task):
+    prompt = "  line one\n\tline two — ünïcode ✓  "
+    assert make_task(prompt=prompt)["prompt"] == prompt
+
+
+def test_limits_themselves_are_accepted(make_task):
+    deep = {}
+    for _ in range(31):
+        deep = {"x": deep}
+    task = make_task(
+        work_directory="/" + "d" * 999,
+        prompt="p" * 100_000,
+        tags=[f"{i:050d}" for i in range(20)],
+        metadata=deep,
+        max_retries=100,
+    )
+    assert len(task["work_directory"]) == 1000 and len(task["prompt"]) == 100_000
+    assert make_task(max_retries=0)["max_retries"] == 0
+
+
+def nested(levels):
+    value = {}
+    for _ in range(levels - 1):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("work_directory", None, "work_directory: must be a string"),
+    ("work_directory", "", "work_directory: must be at least 1 characters"),
+    ("work_directory", "relative/path", "work_directory: must be an absolute path"),
+    ("work_directory", "/a\x00b", "work_directory: must be an absolute path"),
+    ("work_directory", "/a\nb", "work_directory: must be an absolute path"),
+    ("work_directory", "C:relative", "work_directory: must be an absolute path"),
+    ("work_directory", "/" + "d" * 1000, "work_directory: must be at most 1000 characters"),
+    ("work_directory", ["/a"], "work_directory: must be a string"),
+    ("prompt", "", "prompt: must be at least 1 characters"),
+    ("prompt", " \n\t ", "prompt: must not be only whitespace"),
+    ("prompt", "p" * 100_001, "prompt: must be at most 100000 characters"),
+    ("prompt", 42, "prompt: must be a string"),
+    ("prompt", "bad \ud800 surrogate", "prompt: must be valid Unicode"),
+    ("priority", "urgent", "priority: must be one of high, medium, low"),
+    ("priority", 1, "priority: must be a string"),
+    ("tags", "a,b", "tags: must be an array"),
+    ("tags", [str(i) for i in range(21)], "tags: must have at most 20 items"),
+    ("tags", [""], "tags[0]: must be at least 1 characters"),
+    ("tags", ["ok", "t" * 51], "tags[1]: must be at most 50 characters"),
+    ("tags", [1], "tags[0]: must be a string"),
+    ("metadata", [], "metadata: must be an object"),
+    ("metadata", "x", "metadata: must be an object"),
+    ("metadata", nested(33), "metadata: must not nest deeper than 32 levels"),
+    ("max_retries", -1, "max_retries: must be at least 0"),
+    ("max_retries", 101, "max_retries: must be at most 100"),
+    ("max_retries", 10**30, "max_retries: must be at most 100"),
+    ("max_retries", 1.5, "max_retries: must be an integer"),
+    ("max_retries", True, "max_retries: must be an integer"),
+    ("max_retries", "3", "max_retries: must be an integer"),
+])
+def test_create_rejects_invalid_field_naming_it(client, store, field, value, rule):
+    body = {"work_directory": "/repo", "prompt": "p", field: value}
+    res = client.post_json("/api/v1/tasks", body, status=400)
+    assert res.json["success"] is False and res.json["data"] is None
+    assert res.json["error"]["code"] == "VALIDATION_ERROR"
+    assert res.json["error"]["message"].startswith(rule)
+    assert res.json["error"]["details"]["field"].startswith(field)
+    assert store.statistics()["total_tasks"] == 0
+
+
+@pytest.mark.parametrize("missing", ["work_directory", "prompt"])
+def test_create_requires_directory_and_prompt(client, store, missing):
+    body = {"work_directory": "/repo", "prompt": "p"}
+    del body[missing]
+    res = client.post_json("/api/v1/tasks", body, status=400)
+    assert res.json["error"]["message"] == f"{missing}: is required"
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_create_rejects_unknown_fields_listing_them(client, store):
+    body = {"work_directory": "/r", "prompt": "p", "id": "x", "status": "completed",
+            "retry_count": 5}
+    error = client.post_json("/api/v1/tasks", body, status=400).json["error"]
+    assert error["message"].startswith("unknown fields: id, retry_count, status")
+    assert error["details"]["fields"] == ["id", "retry_count", "status"]
+    assert store.statistics()["total_tasks"] == 0
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"[]", "request body must be a JSON object"),
+    (b'"text"', "request body must be a JSON object"),
+    (b"null", "request body must be a JSON object"),
+    (b"12", "request body must be a JSON object"),
+    (b"{", "request body is not valid JSON"),
+    (b'{"prompt": NaN}', "request body is not valid JSON"),
+    (b'{"max_retries": Infinity}', "request body is not valid JSON"),
+    (b"\xff\xfe{}", "request body is not valid UTF-8"),
+    (b'{"max_retries": ' + b"9" * 5000 + b"}", "request body is not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "request body"),
+])
+def test_malformed_body_is_a_400_not_a_500(client, store, raw, message):
+    res = client.post("/api/v1/tasks", raw, content_type="application/json", status=400)
+    assert res.json["error"]["code"] == "VALIDATION_ERROR"
+    assert res.json["error"]["message"].startswith(message)
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_idempotency_key_returns_first_task_with_200(client, store):
+    body = {"work_directory": "/repo", "prompt": "once"}
+    headers = {"Idempotency-Key": "req-1"}
+    first = client.post_json("/api/v1/tasks", body, headers=headers, status=201).json["data"]
+    again = client.post_json("/api/v1/tasks", body, headers=headers, status=200).json["data"]
+    assert again["id"] == first["id"]
+    assert store.statistics()["total_tasks"] == 1
+
+
+def test_idempotency_key_with_a_different_body_conflicts(client, store):
+    headers = {"Idempotency-Key": "req-1"}
+    client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "a"}, headers=headers)
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "b"},
+                           headers=headers, status=409)
+    assert res.json["error"]["code"] == "CONFLICT"
+    assert store.statistics()["total_tasks"] == 1
+
+
+@pytest.mark.parametrize("key", ["", "k" * 201])
+def test_idempotency_key_length_is_checked(client, store, key):
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "a"},
+                           headers={"Idempotency-Key": key}, status=400)
+    assert res.json["error"]["details"]["field"] == "Idempotency-Key"
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_deleting_a_task_frees_its_idempotency_key(client):
+    body, headers = {"work_directory": "/r", "prompt": "a"}, {"Idempotency-Key": "k"}
+    first = client.post_json("/api/v1/tasks", body, headers=headers, status=201).json["data"]
+    client.delete(task_url(first))
+    second = client.post_json("/api/v1/tasks", body, headers=headers, status=201).json["data"]
+    assert second["id"] != first["id"]
+
+
+# ---------------------------------------------------------------------------
+# Claiming
+# ---------------------------------------------------------------------------
+
+def test_claim_sets_holder_start_and_lease(make_task, claim, clock):
+    make_task()
+    task = claim(worker_id="agent-7")
+    assert task["status"] == "working" and task["worker_id"] == "agent-7"
+    assert task["started_at"] == "2027-01-15T08:00:00.000Z"
+    assert task["lease_expires_at"] == "2027-01-15T08:01:00.000Z"  # task_timeout 60
+
+
+def test_claim_answers_null_when_nothing_waits(client, claim):
+    res = client.get("/api/v1/tasks/next", {"work_path": "/repo", "worker_id": "w"})
+    assert res.json == {**res.json, "success": True, "data": None, "error": None}
+
+
+def test_claim_prefers_high_priority_then_oldest(make_task, claim):
+    low = make_task(priority="low")
+    medium_1 = make_task(priority="medium")
+    high = make_task(priority="high")
+    medium_2 = make_task(priority="medium")
+    order = [claim()["id"] for _ in range(4)]
+    assert order == [high["id"], medium_1["id"], medium_2["id"], low["id"]]
+    assert claim() is None
+
+
+def test_claim_only_sees_its_own_work_directory(make_task, claim):
+    mine = make_task(work_directory="/repo")
+    make_task(work_directory="/other")
+    assert claim(work_path="/repo/")["id"] == mine["id"]  # matched after normalizing
+    assert claim(work_path="/repo") is None
+    assert claim(work_path="/repo/sub") is None
+
+
+def test_requeued_task_goes_to_the_back_of_its_priority(client, make_task, claim):
+    first = make_task()
+    second = make_task()
+    held = claim()
+    assert held["id"] == first["id"]
+    client.post_json(task_url(held, "fail"), {"error": "flaky"})
+    assert [claim()["id"], claim()["id"]] == [second["id"], first["id"]]
+
+
+def test_a_task_is_held_by_one_worker_at_a_time(make_task, claim):
+    make_task()
+    assert claim(worker_id="a") is not None
+    assert claim(worker_id="b") is None
+
+
+@pytest.mark.parametrize("query, field", [
+    ({"worker_id": "w"}, "work_path"),
+    ({"work_path": "/r"}, "worker_id"),
+    ({"work_path": "relative", "worker_id": "w"}, "work_path"),
+    ({"work_path": "/r", "worker_id": ""}, "worker_id"),
+    ({"work_path": "/r", "worker_id": "x" * 101}, "worker_id"),
+    ({"work_path": "/r", "worker_id": "tab\there"}, "worker_id"),
+    ({"work_path": "/r", "worker_id": "w", "limit": "1"}, "limit"),
+])
+def test_claim_rejects_a_bad_query_naming_the_parameter(client, make_task, store, query, field):
+    make_task(work_directory="/r")
+    res = client.get("/api/v1/tasks/next", query, status=400)
+    assert field in res.json["error"]["message"]
+    assert store.statistics()["waiting_tasks"] == 1
+
+
+def test_repeated_query_parameter_is_rejected(client):
+    res = client.get("/api/v1/tasks/next?work_path=/a&work_path=/b&worker_id=w", status=400)
+    assert res.json["error"]["message"] == "work_path: must be given at most once"
+
+
+# ---------------------------------------------------------------------------
+# Completing, failing, heartbeats and leases
+# ---------------------------------------------------------------------------
+
+def test_complete_stores_the_result_and_finishes(client, make_task, claim, clock):
+    make_task()
+    held = claim()
+    clock.advance(12.5)
+    result = {"status": "success", "output": "done", "duration_ms": 12500, "metadata": {"k": 1}}
+    task = client.post_json(task_url(held, "complete"),
+                            {"worker_id": "w1", "original_prompt": "fix the bug",
+                             "result": result}).json["data"]
+    assert task["status"] == "completed" and task["result"] == result
+    assert task["completed_at"] == "2027-01-15T08:00:12.500Z"
+    assert task["lease_expires_at"] is None and task["worker_id"] == "w1"
+    assert statistics(client)["average_duration_ms"] == 12500.0
+
+
+def test_complete_without_a_result_means_success_with_empty_output(client, make_task, claim):
+    make_task()
+    task = client.post(task_url(claim(), "complete")).json["data"]
+    assert task["result"] == {"status": "success", "output": ""}
+    assert task["status"] == "completed"
+
+
+def test_complete_with_failure_status_counts_as_a_failure(client, make_task, claim):
+    make_task()
+    held = claim()
+    task = client.post_json(task_url(held, "complete"),
+                            {"result": {"status": "failure", "output": "tests fail"}}).json["data"]
+    assert task["status"] == "waiting" and task["retry_count"] == 1
+    assert task["error_message"] == "tests fail" and task["worker_id"] is None
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"worker_id": "intruder"}, "not held by worker intruder"),
+    ({"original_prompt": "something else"}, "original_prompt does not match"),
+])
+def test_complete_refuses_a_mismatch_with_409(client, make_task, claim, body, message):
+    make_task()
+    held = claim()
+    res = client.post_json(task_url(held, "complete"), body, status=409)
+    assert message in res.json["error"]["message"]
+    assert client.get(task_url(held)).json["data"]["status"] == "working"
+
+
+@pytest.mark.parametrize("action, body", [
+    ("complete", {}),
+    ("fail", {"error": "x"}),
+    ("heartbeat", {"worker_id": "w1"}),
+])
+def test_reports_on_a_task_that_is_not_working_conflict(client, make_task, action, body):
+    task = make_task()
+    res = client.post_json(task_url(task, action), body, status=409)
+    assert res.json["error"]["message"] == (
+        f"task {task['id']} is waiting; can only report on a working task"
+    )
+
+
+def test_result_is_validated_against_its_declaration(client, make_task, claim):
+    make_task()
+    held = claim()
+    for result, message in [
+        ({"status": "meh"}, "result.status: must be one of success, failure"),
+        ({"duration_ms": -1}, "result.duration_ms: must be at least 0"),
+        ({"extra": 1}, "unknown fields: result.extra"),
+        ("done", "result: must be an object"),
+    ]:
+        res = client.post_json(task_url(held, "complete"), {"result": result}, status=400)
+        assert res.json["error"]["message"].startswith(message)
+    assert client.get(task_url(held)).json["data"]["status"] == "working"
+
+
+def test_failures_requeue_until_max_retries_then_fail(client, make_task, claim):
+    task = make_task(max_retries=2)
+    for attempt in (1, 2):
+        held = claim()
+        again = client.post_json(task_url(held, "fail"), {"error": f"boom {attempt}"}).json["data"]
+        assert again["status"] == "waiting" and again["retry_count"] == attempt
+        assert again["error_message"] == f"boom {attempt}"
+    final = client.post_json(task_url(claim(), "fail"), {"error": "boom 3"}).json["data"]
+    assert final["status"] == "failed" and final["retry_count"] == 2
+    assert final["completed_at"] is not None and final["worker_id"] == "w1"
+    assert claim() is None
+    assert statistics(client)["retries_total"] == 2
+    assert task["id"] == final["id"]
+
+
+def test_fail_with_retry_false_is_final_at_once(client, make_task, claim):
+    make_task()
+    task = client.post_json(task_url(claim(), "fail"), {"error": "fatal", "retry": False}).json
+    assert task["data"]["status"] == "failed" and task["data"]["retry_count"] == 0
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "error: is required"),
+    ({"error": ""}, "error: must be at least 1 characters"),
+    ({"error": "x", "retry": "no"}, "retry: must be a boolean"),
+    ({"error": "x", "worker_id": 5}, "worker_id: must be a string"),
+])
+def test_fail_validates_its_body(client, make_task, claim, body, message):
+    make_task()
+    held = claim()
+    res = client.post_json(task_url(held, "fail"), body, status=400)
+    assert res.json["error"]["message"] == message
+    assert client.get(task_url(held)).json["data"]["status"] == "working"
+
+
+def test_fail_by_another_worker_conflicts(client, make_task, claim):
+    make_task()
+    held = claim(worker_id="owner")
+    client.post_json(task_url(held, "fail"), {"error": "x", "worker_id": "other"}, status=409)
+    assert client.get(task_url(held)).json["data"]["status"] == "working"
+
+
+def test_expired_lease_requeues_the_task(client, make_task, claim, clock):
+    make_task()
+    held = claim()
+    clock.advance(60)
+    task = client.get(task_url(held)).json["data"]
+    assert task["status"] == "waiting" and task["retry_count"] == 1
+    assert task["error_message"] == "lease expired"
+    assert task["worker_id"] is None and task["lease_expires_at"] is None
+    assert statistics(client)["expired_leases_total"] == 1
+
+
+def test_expired_lease_past_the_limit_fails_the_task(client, make_task, claim, clock):
+    make_task(max_retries=0)
+    held = claim()
+    clock.advance(61)
+    task = client.get(task_url(held)).json["data"]
+    assert task["status"] == "failed" and task["error_message"] == "lease expired"
+
+
+@pytest.mark.parametrize("action, body", [
+    ("complete", {"worker_id": "slow"}),
+    ("fail", {"error": "late", "worker_id": "slow"}),
+    ("heartbeat", {"worker_id": "slow"}),
+])
+def test_former_holder_is_refused_after_its_lease_expired(client, make_task, claim, clock,
+                                                          action, body):
+    make_task()
+    held = claim(worker_id="slow")
+    clock.advance(61)
+    assert claim(worker_id="fast")["id"] == held["id"]  # delivered again
+    client.post_json(task_url(held, action), body, status=409)
+    task = client.get(task_url(held)).json["data"]
+    assert task["status"] == "working" and task["worker_id"] == "fast"
+
+
+def test_heartbeat_extends_the_lease(client, make_task, claim, clock):
+    make_task()
+    held = claim()
+    clock.advance(50)
+    task = client.post_json(task_url(held, "heartbeat"), {"worker_id": "w1"}).json["data"]
+    assert task["lease_expires_at"] == "2027-01-15T08:01:50.000Z"
+    clock.advance(50)  # past the first lease, within the second
+    assert client.get(task_url(held)).json["data"]["status"] == "working"
+    clock.advance(10)
+    assert client.get(task_url(held)).json["data"]["status"] == "waiting"
+
+
+@pytest.mark.parametrize("body, status", [({}, 400), ({"worker_id": "other"}, 409)])
+def test_heartbeat_needs_the_holders_worker_id(client, make_task, claim, body, status):
+    make_task()
+    held = claim()
+    client.post_json(task_url(held, "heartbeat"), body, status=status)
+    assert client.get(task_url(held)).json["data"]["lease_expires_at"] == held["lease_expires_at"]
+
+
+def test_statistics_never_show_an_expired_lease_as_held(client, make_task, claim, clock):
+    make_task()
+    claim()
+    assert statistics(client)["working_tasks"] == 1
+    clock.advance(60)
+    stats = statistics(client)
+    assert stats["working_tasks"] == 0 and stats["waiting_tasks"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Cancel, retry, get, update, delete
+# ---------------------------------------------------------------------------
+
+def test_cancel_takes_a_waiting_task_out_of_the_queue(client, make_task, claim):
+    task = make_task()
+    cancelled = client.post(task_url(task, "cancel")).json["data"]
+    assert cancelled["status"] == "cancelled" and cancelled["completed_at"] is not None
+    assert claim() is None
+
+
+def test_cancel_of_a_working_task_ends_its_lease(client, make_task, claim):
+    make_task()
+    held = claim()
+    task = client.post_json(task_url(held, "cancel"), {"reason": "not needed"}).json["data"]
+    assert task["status"] == "cancelled" and task["lease_expires_at"] is None
+    assert task["error_message"] == "not needed"
+    client.post_json(task_url(held, "complete"), {"worker_id": "w1"}, status=409)
+
+
+@pytest.mark.parametrize("finish", ["complete", "cancel"])
+def test_cancel_of_a_finished_task_conflicts(client, make_task, claim, finish):
+    make_task()
+    held = claim()
+    client.post(task_url(held, finish))
+    res = client.post(task_url(held, "cancel"), status=409)
+    assert "can only cancel a waiting or working task" in res.json["error"]["message"]
+
+
+def test_cancel_rejects_unknown_fields(client, make_task):
+    task = make_task()
+    client.post_json(task_url(task, "cancel"), {"why": "x"}, status=400)
+    assert client.get(task_url(task)).json["data"]["status"] == "waiting"
+
+
+def test_manual_retry_requeues_a_failed_task_past_max_retries(client, make_task, claim):
+    make_task(max_retries=0)
+    held = claim()
+    client.post_json(task_url(held, "fail"), {"error": "x"})
+    task = client.post(task_url(held, "retry")).json["data"]
+    assert task["status"] == "waiting" and task["retry_count"] == 1
+    assert task["completed_at"] is None and task["worker_id"] is None
+    assert claim()["id"] == held["id"]
+
+
+@pytest.mark.parametrize("setup", ["waiting", "cancelled"])
+def test_retry_of_a_task_that_has_not_failed_conflicts(client, make_task, setup):
+    task = make_task()
+    if setup == "cancelled":
+        client.post(task_url(task, "cancel"))
+    res = client.post(task_url(task, "retry"), status=409)
+    assert "can only retry a failed task" in res.json["error"]["message"]
+
+
+def test_retry_rejects_a_body_with_fields(client, make_task):
+    client.post_json(task_url(make_task(), "retry"), {"force": True}, status=400)
+
+
+@pytest.mark.parametrize("task_id", [str(uuid.uuid4()), "not-a-uuid", "x" * 500, "%00"])
+@pytest.mark.parametrize("method, action", [
+    ("GET", ""), ("PATCH", ""), ("DELETE", ""), ("POST", "complete"), ("POST", "fail"),
+    ("POST", "heartbeat"), ("POST", "cancel"), ("POST", "retry"),
+])
+def test_unknown_task_is_404(client, task_id, method, action):
+    body = {"complete": {}, "fail": {"error": "x"}, "heartbeat": {"worker_id": "w"}}.get(action)
+    if method == "PATCH":
+        body = {"prompt": "x"}
+    url = f"/api/v1/tasks/{task_id}" + (f"/{action}" if action else "")
+    res = client.request(url, method=method, status=404,
+                         body=json.dumps(body).encode() if body is not None else b"",
+                         content_type="application/json" if body is not None else None)
+    assert res.json["error"]["code"] == "NOT_FOUND"
+    assert len(res.json["error"]["message"]) < 120
+
+
+def test_update_changes_a_waiting_task(client, make_task):
+    task = make_task()
+    patch = {"prompt": "new", "priority": "LOW", "tags": ["t"], "metadata": {"a": 1},
+             "max_retries": 5, "work_directory": "/elsewhere/"}
+    updated = client.patch_json(task_url(task), patch).json["data"]
+    assert updated["prompt"] == "new" and updated["priority"] == "low"
+    assert updated["work_directory"] == "/elsewhere" and updated["max_retries"] == 5
+    assert updated["tags"] == ["t"] and updated["metadata"] == {"a": 1}
+
+
+def test_update_leaves_unsent_fields_alone(client, make_task):
+    task = make_task(priority="high", tags=["keep"])
+    updated = client.patch_json(task_url(task), {"prompt": "new"}).json["data"]
+    assert updated["priority"] == "high" and updated["tags"] == ["keep"]
+
+
+def test_update_of_a_task_that_is_not_waiting_conflicts(client, make_task, claim):
+    make_task()
+    held = claim()
+    client.patch_json(task_url(held), {"prompt": "new"}, status=409)
+    assert client.get(task_url(held)).json["data"]["prompt"] == "fix the bug"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "nothing to update"),
+    ({"status": "completed"}, "unknown fields: status"),
+    ({"id": "x"}, "unknown fields: id"),
+    ({"prompt": ""}, "prompt: must be at least 1 characters"),
+    ({"work_directory": "rel"}, "work_directory: must be an absolute path"),
+])
+def test_update_rejects_a_bad_body(client, make_task, body, message):
+    task = make_task()
+    res = client.patch_json(task_url(task), body, status=400)
+    assert res.json["error"]["message"].startswith(message)
+    assert client.get(task_url(task)).json["data"] == task
+
+
+def test_update_of_priority_keeps_the_tasks_place_in_time(client, make_task, claim):
+    first = make_task()
+    second = make_task()
+    client.patch_json(task_url(first), {"priority": "low"})
+    client.patch_json(task_url(first), {"priority": "medium"})
+    assert [claim()["id"], claim()["id"]] == [first["id"], second["id"]]
+
+
+def test_update_of_work_directory_moves_the_task(client, make_task, claim):
+    task = make_task(work_directory="/old")
+    client.patch_json(task_url(task), {"work_directory": "/new"})
+    assert claim(work_path="/old") is None
+    assert claim(work_path="/new")["id"] == task["id"]
+
+
+def test_delete_removes_the_task_in_any_state(client, make_task, claim):
+    make_task()
+    waiting = make_task()
+    held = claim()
+    assert held["id"] != waiting["id"]
+    for task in (waiting, held):
+        res = client.delete(task_url(task))
+        assert res.json["data"] == {"id": task["id"], "deleted": True}
+        client.get(task_url(task), status=404)
+    assert statistics(client)["total_tasks"] == 0
+    assert claim() is None
+
+
+# ---------------------------------------------------------------------------
+# Listing and statistics
+# ---------------------------------------------------------------------------
+
+def test_list_is_newest_first_with_the_page_fields(client, make_task):
+    ids = [make_task(prompt=str(i))["id"] for i in range(5)]
+    page = client.get("/api/v1/tasks", {"limit": 2, "offset": 1}).json["data"]
+    assert [t["id"] for t in page["tasks"]] == [ids[3], ids[2]]
+    assert (page["total"], page["limit"], page["offset"], page["has_more"]) == (5, 2, 1, True)
+    last = client.get("/api/v1/tasks", {"limit": 2, "offset": 4}).json["data"]
+    assert [t["id"] for t in last["tasks"]] == [ids[0]] and last["has_more"] is False
+
+
+def test_list_defaults_to_fifty(client, make_task):
+    page = client.get("/api/v1/tasks").json["data"]
+    assert (page["tasks"], page["total"], page["limit"], page["offset"]) == ([], 0, 50, 0)
+
+
+def test_list_filters_combine(client, make_task, claim):
+    a = make_task(work_directory="/a", priority="high", tags=["x"])
+    b = make_task(work_directory="/a", priority="low", tags=["x", "y"])
+    c = make_task(work_directory="/b", priority="high", tags=["y"])
+    claim(work_path="/a", worker_id="w9")  # takes a (high)
+    cases = [
+        ({"status": "waiting"}, [c, b]),
+        ({"status": "working"}, [a]),
+        ({"priority": "high"}, [c, a]),
+        ({"priority": "HIGH", "status": "waiting"}, [c]),
+        ({"worker_id": "w9"}, [a]),
+        ({"work_directory": "/a/"}, [b, a]),
+        ({"tag": "y"}, [c, b]),
+        ({"tag": "y", "work_directory": "/b"}, [c]),
+        ({"tag": "none"}, []),
+    ]
+    for query, expected in cases:
+        page = client.get("/api/v1/tasks", query).json["data"]
+        assert [t["id"] for t in page["tasks"]] == [t["id"] for t in expected], query
+        assert page["total"] == len(expected)
+
+
+@pytest.mark.parametrize("query, message", [
+    ({"limit": "0"}, "limit: must be at least 1"),
+    ({"limit": "1001"}, "limit: must be at most 1000"),
+    ({"limit": "ten"}, "limit: must be an integer"),
+    ({"limit": "1e3"}, "limit: must be an integer"),
+    ({"offset": "-1"}, "offset: must be at least 0"),
+    ({"offset": "9" * 40}, "offset: must be an integer"),
+    ({"status": "done"}, "status: must be one of waiting, working"),
+    ({"priority": ""}, "priority: must be one of high, medium, low"),
+    ({"state": "waiting"}, "unknown fields: state"),
+])
+def test_list_rejects_a_bad_query(client, query, message):
+    res = client.get("/api/v1/tasks", query, status=400)
+    assert res.json["error"]["message"].startswith(message)
+
+
+def test_status_index_stays_newest_first_through_every_transition(store, clock, monkeypatch):
+    monkeypatch.setattr(orchestrator._SortedKeys, "CHUNK", 2)  # force many chunk splits
+    rng = random.Random(7)
+    tasks = [store.create({"work_directory": f"/d{i % 3}", "prompt": "p"})[0] for i in range(120)]
+    for _ in range(400):
+        task = rng.choice(tasks)
+        try:
+            rng.choice([
+                lambda: store.claim(task.work_directory, "w"),
+                lambda: store.complete(task.id),
+                lambda: store.fail(task.id, {"error": "e"}),
+                lambda: store.cancel(task.id),
+                lambda: store.retry(task.id),
+            ])()
+        except Conflict:
+            pass
+    everything = store.list({"limit": 1000})["tasks"]
+    assert [t.id for t in everything] == [t.id for t in reversed(tasks)]
+    for status in orchestrator.STATUSES:
+        expected = [t.id for t in everything if t.status == status]
+        page = store.list({"status": status, "limit": 1000})
+        assert [t.id for t in page["tasks"]] == expected
+        assert page["total"] == len(expected)
+
+
+def test_statistics_count_every_status_and_the_success_rate(client, make_task, claim, clock):
+    for _ in range(5):
+        make_task()
+    done = claim()
+    clock.advance(2)
+    client.post(task_url(done, "complete"))
+    failed = claim()
+    client.post_json(task_url(failed, "fail"), {"error": "x", "retry": False})
+    client.post(task_url(claim(), "cancel"))
+    claim()
+    stats = statistics(client)
+    assert stats == {
+        **stats,
+        "total_tasks": 5, "waiting_tasks": 1, "working_tasks": 1, "completed_tasks": 1,
+        "failed_tasks": 1, "cancelled_tasks": 1, "active_tasks": 2, "success_rate": 0.5,
+        "retries_total": 0, "expired_leases_total": 0, "average_duration_ms": 2000.0,
+    }
+    assert stats["uptime_seconds"] == 2.0
+
+
+def test_statistics_start_empty(client):
+    stats = statistics(client)
+    assert stats["success_rate"] == 0.0 and stats["average_duration_ms"] is None
+    assert stats["total_tasks"] == 0
+
+
+def test_finished_tasks_are_dropped_after_retention(client, make_task, claim, clock, store):
+    make_task()
+    waiting = make_task()
+    client.post(task_url(claim(), "complete"))
+    clock.advance(3599)
+    assert statistics(client)["completed_tasks"] == 1
+    clock.advance(1)
+    stats = statistics(client)
+    assert stats["completed_tasks"] == 0 and stats["total_tasks"] == 1
+    assert stats["average_duration_ms"] is None
+    assert client.get(task_url(waiting)).json["data"]["status"] == "waiting"
+
+
+def test_retention_of_zero_keeps_finished_tasks_forever(clock):
+    store = TaskStore(retention=0, clock=clock)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.cancel(task.id)
+    clock.advance(10**9)
+    assert store.get(task.id).status == "cancelled"
+
+
+def test_cancelled_queue_entries_do_not_pile_up(store):
+    tasks = [store.create({"work_directory": "/r", "prompt": "p"})[0] for _ in range(3000)]
+    for task in tasks[:-1]:
+        store.cancel(task.id)
+    assert sum(len(heap) for heap in store._queues.values()) < 2000
+    assert store.claim("/r", "w").id == tasks[-1].id
+    assert store.claim("/r", "w") is None
+
+
+# ---------------------------------------------------------------------------
+# The store's Python API
+# ---------------------------------------------------------------------------
+
+def test_store_methods_raise_the_documented_errors(store):
+    with pytest.raises(ValidationError) as caught:
+        store.create({"work_directory": "x", "prompt": "p"})
+    assert caught.value.status == 400 and caught.value.code == "VALIDATION_ERROR"
+    with pytest.raises(NotFound) as missing:
+        store.get("nope")
+    assert missing.value.status == 404
+    task, created = store.create({"work_directory": "/r", "prompt": "p"})
+    assert created is True
+    with pytest.raises(Conflict) as conflict:
+        store.complete(task.id)
+    assert conflict.value.status == 409 and conflict.value.code == "CONFLICT"
+
+
+def test_store_returns_copies_that_later_changes_do_not_touch(store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    assert task.status == "waiting"
+
+
+# ---------------------------------------------------------------------------
+# The envelope, routing errors and the 500
+# ---------------------------------------------------------------------------
+
+def test_unknown_route_is_a_404_envelope(client):
+    res = client.get("/nowhere", status=404)
+    assert res.content_type == "application/json"
+    assert res.json["error"]["code"] == "NOT_FOUND" and res.json["success"] is False
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("DELETE", "/api/v1/tasks", "GET,POST"),
+    ("PUT", "/api/v1/tasks/abc", "DELETE,GET,PATCH"),
+    ("GET", "/api/v1/tasks/abc/complete", "POST"),
+    ("POST", "/health", "GET"),
+])
+def test_wrong_method_is_a_405_with_allow(client, method, path, allow):
+    res = client.request(path, method=method, status=405)
+    assert res.headers["Allow"] == allow
+    assert res.json["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_unexpected_error_is_a_generic_500_logged_with_traceback(client, store, monkeypatch,
+                                                                 caplog):
+    def explode(*args):
+        raise RuntimeError("secret internals")
+    monkeypatch.setattr(store, "statistics", explode)
+    with caplog.at_level(logging.ERROR, logger="orchestrator"):
+        res = client.get("/api/v1/statistics", status=500)
+    assert res.json["error"] == {"code": "INTERNAL_ERROR", "message": "internal server error",
+                                 "details": {}}
+    assert "secret" not in res.text
+    assert "secret internals" in caplog.text and "Traceback" in caplog.text
+
+
+def test_health_reports_status_version_and_queue(client, make_task):
+    make_task()
+    health = client.get("/health").json["data"]
+    assert health["status"] == "healthy" and health["version"] == orchestrator.__version__
+    assert health["tasks"] == {"total": 1, "waiting": 1, "working": 0}
+    assert isinstance(health["uptime_seconds"], float)
+    assert client.head("/health").status_int == 200
+
+
+def test_two_apps_share_nothing(config):
+    first = webtest.TestApp(create_app(config))
+    second = webtest.TestApp(create_app(config))
+    first.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p"})
+    assert second.get("/api/v1/statistics").json["data"]["total_tasks"] == 0
+
+
+def test_a_storm_of_odd_bodies_never_causes_a_500(client, make_task, claim):
+    make_task()
+    held = claim()
+    odd = [b"", b"{}", b"[]", b"null", b'{"a":' * 50, b"\x00", b'{"error": null}',
+           b'{"result": {"metadata": []}}', b'{"worker_id": "\\u0000"}',
+           b'{"prompt": "\\ud800"}', b'{"tags": [[[]]]}', b'{"error": "' + b"e" * 20000 + b'"}']
+    for action in ("complete", "fail", "heartbeat", "cancel", "retry"):
+        for raw in odd:
+            res = client.post(task_url(held, action), raw, content_type="application/json",
+                              expect_errors=True)
+            assert res.status_int < 500, (action, raw)
+    for raw in odd:
+        for method, url in [("PATCH", task_url(held)), ("POST", "/api/v1/tasks")]:
+            res = client.request(url, method=method, body=raw, content_type="application/json",
+                                 expect_errors=True)
+            assert res.status_int < 500, (url, raw)
+
+
+# ---------------------------------------------------------------------------
+# The gate: API key, origin, content type, body size, rate limit
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def keyed_client(store):
+    return webtest.TestApp(create_app(Config(rate_limit=0, api_key="s3cret"), store))
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic s3cret", "s3cret",
+                                           "Bearer "])
+def test_api_key_is_required_when_configured(keyed_client, store, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    res = keyed_client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p"},
+                                 headers=headers, status=401)
+    assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    assert res.json["error"]["code"] == "UNAUTHORIZED"
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_the_right_key_is_accepted_in_any_scheme_case(keyed_client):
+    keyed_client.get("/api/v1/statistics", headers={"Authorization": "bearer s3cret"})
+
+
+def test_api_key_is_checked_before_routing(keyed_client):
+    keyed_client.get("/api/v1/no-such-thing", status=401)
+    keyed_client.get("/api/v1/no-such-thing", status=404,
+                     headers={"Authorization": "Bearer s3cret"})
+
+
+def test_health_needs_no_key(keyed_client):
+    keyed_client.get("/health", status=200)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "OPTIONS", "DELETE"])
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://localhost:8080", "null",
+                                    "https://localhost"])
+def test_a_foreign_origin_is_forbidden(client, store, method, origin):
+    res = client.request("/api/v1/tasks", method=method, headers={"Origin": origin},
+                         body=b'{"work_directory": "/r", "prompt": "p"}',
+                         content_type="application/json", status=403)
+    assert res.json["error"]["code"] == "FORBIDDEN"
+    assert "Access-Control-Allow-Origin" not in res.headers
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_own_and_allowed_origins_pass(store):
+    config = Config(rate_limit=0, allowed_origins=("https://ui.example:8443",))
+    client = webtest.TestApp(create_app(config, store))
+    for origin in ("http://localhost", "http://localhost:80", "https://ui.example:8443"):
+        res = client.get("/api/v1/tasks", headers={"Origin": origin}, status=200)
+        assert "Access-Control-Allow-Origin" not in res.headers
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "application/jsonp", ""])
+def test_a_body_that_is_not_json_is_a_415(client, store, content_type):
+    res = client.post("/api/v1/tasks", b'{"work_directory": "/r", "prompt": "p"}',
+                      headers={"Content-Type": content_type}, status=415)
+    assert res.json["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_json_with_a_charset_is_accepted(client):
+    client.post("/api/v1/tasks", b'{"work_directory": "/r", "prompt": "p"}',
+                content_type="application/json; charset=utf-8", status=201)
+
+
+class UnreadableInput:
+    """A request body stream that fails the test if anything reads it."""
+
+    def read(self, *args):
+        raise AssertionError("the body was read")
+
+    readline = readlines = read
+
+
+def test_a_declared_body_over_the_limit_is_a_413_before_it_is_read(store):
+    app = create_app(Config(rate_limit=0, max_body=100), store)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/tasks",
+               "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": "101",
+               "wsgi.input": UnreadableInput()}
+    wsgiref.util.setup_testing_defaults(environ)
+    answer = {}
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: answer.update(status=status)))
+    assert answer["status"].startswith("413")
+    assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, max_body=100), store))
+    body = json.dumps({"work_directory": "/r", "prompt": "p"}).encode()
+    body = body[:-1] + b" " * (100 - len(body)) + b"}"
+    assert len(body) == 100
+    client.post("/api/v1/tasks", body, content_type="application/json", status=201)
+
+
+def test_rate_limit_answers_429_with_retry_after(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=3), store))
+    remaining = [client.get("/api/v1/tasks").headers["X-RateLimit-Remaining"] for _ in range(3)]
+    assert remaining == ["2", "1", "0"]
+    res = client.get("/api/v1/tasks", status=429)
+    assert res.json["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert int(res.headers["Retry-After"]) >= 1
+    assert res.headers["X-RateLimit-Limit"] == "3" and res.headers["X-RateLimit-Remaining"] == "0"
+    client.get("/health", status=200)  # never limited
+
+
+def test_rate_limiter_window_slides(clock):
+    limiter = RateLimiter(10, window=60, clock=clock)
+    clock.now = 600.0  # the start of a window
+    for _ in range(10):
+        limiter.hit("a")
+    with pytest.raises(RateLimited) as caught:
+        limiter.hit("a")
+    # Full window: wait for it to end (60 s), then for 1/10 of its weight to fade (6 s).
+    assert caught.value.retry_after == 66
+    clock.advance(90)  # half into the next window: the 10 old requests weigh 5
+    assert [limiter.hit("a") for _ in range(4)] == [4, 3, 2, 1]
+    limiter.hit("a")
+    with pytest.raises(RateLimited):
+        limiter.hit("a")
+    assert limiter.hit("b") == 9  # every client has its own window
+
+
+def test_rate_limiter_forgets_idle_clients_and_bounds_memory(clock):
+    limiter = RateLimiter(5, window=60, clock=clock, max_clients=1000)
+    for i in range(5000):
+        limiter.hit(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter) == 1000
+    clock.advance(121)
+    limiter.hit("late")
+    assert len(limiter) == 1
+
+
+# ---------------------------------------------------------------------------
+# Configuration and the command line
+# ---------------------------------------------------------------------------
+
+def test_config_reads_every_variable():
+    env = {
+        "APP_SERVER_HOST": "0.0.0.0", "APP_SERVER_PORT": "9000", "APP_SERVER_THREADS": "4",
+        "APP_SERVER_TIMEOUT": "10", "APP_SERVER_MAX_BODY": "2048", "APP_TASK_MAX_RETRIES": "1",
+        "APP_TASK_TIMEOUT": "30", "APP_TASK_RETENTION": "0", "APP_SECURITY_RATE_LIMIT": "0",
+        "APP_SECURITY_API_KEY": "k", "APP_SECURITY_ALLOWED_ORIGINS": "http://a:1, https://b",
+        "APP_LOG_LEVEL": "DEBUG", "APP_LOG_FORMAT": "json",
+    }
+    assert Config.from_env(env) == Config(
+        host="0.0.0.0", port=9000, threads=4, timeout=10, max_body=2048, max_retries=1,
+        task_timeout=30, retention=0, rate_limit=0, api_key="k",
+        allowed_origins=("http://a:1", "https://b"), log_level="debug", log_format="json",
+    )
+
+
+def test_config_from_an_empty_mapping_ignores_the_environment(monkeypatch):
+    monkeypatch.setenv("APP_SERVER_PORT", "1234")
+    assert Config.from_env({}) == Config()
+    assert Config.from_env().port == 1234
+
+
+@pytest.mark.parametrize("variable, value, accepts", [
+    ("APP_SERVER_PORT", "abc", "an integer from 0 to 65535"),
+    ("APP_SERVER_PORT", "70000", "an integer from 0 to 65535"),
+    ("APP_SERVER_TIMEOUT", "-1", "an integer from 1"),
+    ("APP_SERVER_THREADS", "0", "an integer from 1"),
+    ("APP_TASK_RETENTION", "1.5", "an integer from 0"),
+    ("APP_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
+    ("APP_LOG_FORMAT", "xml", "one of pretty, json"),
+    ("APP_SECURITY_ALLOWED_ORIGINS", "not-an-origin", "comma-separated origins"),
+])
+def test_a_bad_setting_names_the_variable_and_what_it_accepts(variable, value, accepts):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: value})
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value).startswith(f"{variable} must be {accepts}")
+
+
+def test_the_api_key_never_shows_in_the_config_repr():
+    assert "s3cret" not in repr(Config(api_key="s3cret"))
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--port", "abc"], {}, "--port must be an integer from 0 to 65535"),
+    ([], {"APP_SERVER_PORT": "-5"}, "APP_SERVER_PORT must be an integer from 0 to 65535"),
+    (["--threads", "0"], {}, "--threads must be an integer from 1"),
+])
+def test_main_stops_with_status_2_before_listening(monkeypatch, capsys, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert orchestrator.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_flags_override_the_environment():
+    config = Config.from_env({"APP_SERVER_PORT": "1"}).with_flags(port="2", host=None)
+    assert config.port == 2 and config.host == "127.0.0.1"
+
+
+def run_module(*args, **kwargs):
+    return subprocess.run([sys.executable, str(MODULE), *args], capture_output=True, text=True,
+                          timeout=30, **kwargs)
+
+
+def test_help_documents_the_flags():
+    result = run_module("--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--threads"):
+        assert flag in result.stdout
+
+
+def test_importing_the_module_has_no_side_effects():
+    code = ("import logging, threading, orchestrator; "
+            "assert threading.active_count() == 1; "
+            "assert not logging.getLogger().handlers; "
+            "assert not logging.getLogger('orchestrator').handlers")
+    result = subprocess.run([sys.executable, "-c", code], cwd=MODULE.parent,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_server_prints_its_url_and_stops_cleanly_on_a_signal(signum):
+    env = {**os.environ, "APP_SERVER_PORT": "0", "APP_LOG_FORMAT": "json"}
+    process = subprocess.Popen([sys.executable, str(MODULE)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("orchestrator ") and " listening on http://127.0.0.1:" in line
+        url = line.split()[-1]
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+        process.send_signal(signum)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    access = [entry for entry in logs if entry["msg"] == "request"]
+    assert access and access[0]["path"] == "/health" and access[0]["status"] == 200
+    assert {"ts", "level", "msg", "method", "duration_ms", "client"} <= set(access[0])
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+def test_each_transition_is_logged_with_task_directory_and_worker(client, make_task, claim,
+                                                                  caplog):
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        task = make_task(prompt="x" * 500)
+        claim(worker_id="w5")
+        client.post(task_url(task, "complete"))
+    events = [r for r in caplog.records if r.getMessage().startswith("task ")]
+    assert [r.getMessage() for r in events] == ["task created", "task claimed", "task completed"]
+    assert all(r.task_id == task["id"] and r.work_directory == "/repo" for r in events)
+    assert events[1].worker_id == "w5"
+    assert len(events[0].prompt) == 80
+
+
+def test_the_api_key_is_never_logged(keyed_client, caplog):
+    with caplog.at_level(logging.DEBUG):
+        keyed_client.get("/api/v1/tasks", headers={"Authorization": "Bearer s3cret"})
+    assert "s3cret" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Over real sockets
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def live_store():
+    return TaskStore()
+
+
+@pytest.fixture
+def live_url(live_store):
+    config = Config(rate_limit=0, threads=8, max_body=1000)
+    with running_server(config, create_app(config, live_store)) as url:
+        yield url
+
+
+def raw_exchange(url, request_bytes):
+    """Send raw bytes, return the raw answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def post_raw(url, body, headers=b""):
+    """POST /api/v1/tasks over a fresh connection; return (status line, body)."""
+    answer = raw_exchange(url, (
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\n" + headers + b"\r\n" + body
+    ))
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], payload
+
+
+def test_over_a_socket_a_declared_oversized_body_is_refused_before_it_is_sent(live_url,
+                                                                              live_store):
+    status, _ = post_raw(live_url, b"", b"Content-Length: 999999\r\n")
+    assert status.startswith(b"HTTP/1.1 413")  # waitress's own answer, at the headers
+    assert live_store.statistics()["total_tasks"] == 0
+
+
+def test_over_a_socket_a_body_of_exactly_the_limit_is_accepted(live_url, live_store):
+    body = json.dumps({"work_directory": "/r", "prompt": "p" * 950}).encode()
+    body = body[:-1] + b" " * (1000 - len(body)) + b"}"
+    status, payload = post_raw(live_url, body, f"Content-Length: {len(body)}\r\n".encode())
+    assert status.startswith(b"HTTP/1.1 201"), payload
+    assert live_store.statistics()["total_tasks"] == 1
+
+
+def test_a_chunked_body_over_the_limit_is_refused_by_waitress(live_url, live_store):
+    chunk = b"x" * 2000
+    answer = raw_exchange(live_url, (
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
+    ))
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert live_store.statistics()["total_tasks"] == 0
+
+
+def test_running_server_stops_and_frees_its_port():
+    with running_server(Config(rate_limit=0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def test_concurrent_claims_deliver_each_task_exactly_once(live_url, live_store):
+    total, workers = 2000, 8
+    for i in range(total):
+        live_store.create({"work_directory": "/shared", "prompt": f"task {i}"})
+    host_port = live_url.removeprefix("http://")
+    claimed: list[list[str]] = [[] for _ in range(workers)]
+    errors = []
+
+    def work(index):
+        connection = http.client.HTTPConnection(host_port, timeout=30)
+        try:
+            while True:
+                connection.request("GET", f"/api/v1/tasks/next?work_path=/shared&worker_id=w{index}")
+                task = json.loads(connection.getresponse().read())["data"]
+                if task is None:
+                    return
+                claimed[index].append(task["id"])
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [task_id for ids in claimed for task_id in ids]
+    assert not errors
+    assert len(every) == total and len(set(every)) == total
+    assert sum(1 for ids in claimed if ids) > 1  # the work really was shared
+    stats = live_store.statistics()
+    assert stats["working_tasks"] == total and stats["waiting_tasks"] == 0
