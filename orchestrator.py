@@ -1345,7 +1345,8 @@ def _query(schema: Schema) -> dict:
             raise _invalid(name, "must be given at most once")
         declared = schema.field(name)
         if declared is not None and declared.type == "integer":
-            if not re.fullmatch(r"-?\d{1,18}", value):
+            # Python refuses to parse more than 4300 digits; far past any bound anyway.
+            if not re.fullmatch(r"-?\d{1,4000}", value):
                 raise _invalid(name, "must be an integer")
             query[name] = int(value)
         else:
@@ -1494,7 +1495,9 @@ class _PrettyFormatter(logging.Formatter):
     """One line for a person: time, level, message, then key=value fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        pairs = "".join(f" {key}={_quote(value)}" for key, value in _fields(record).items())
+        pairs = "".join(
+            f" {key}={_quote(value)}" for key, value in _fields(record).items() if value is not None
+        )
         line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.getMessage()}{pairs}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
