@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 run: $(VENV)/installed
 	$(BIN)/python orchestrator.py
@@ -19,3 +19,6 @@ $(VENV)/installed: requirements.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
+
+bench: $(VENV)/installed
+	$(BIN)/python benchmark.py

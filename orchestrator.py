@@ -712,9 +712,10 @@ class TaskStore:
                ) -> tuple[Task, bool]:
         """Queue a new task; return it and whether it was created (False: the key was seen)."""
         values = TASK_CREATE.clean(fields)
+        fingerprint = None
         if idempotency_key is not None:
             IDEMPOTENCY_KEY.clean(idempotency_key, "Idempotency-Key")
-        fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+            fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
         with self._transaction() as (now, events):
             if idempotency_key in self._idempotency:
                 task_id, seen = self._idempotency[idempotency_key]
