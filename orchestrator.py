@@ -120,6 +120,18 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, default ports filled in; None when malformed."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None or parts.path:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
 #: Every setting once: its environment variable, its attribute, its parser.
 _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_SERVER_HOST", "host", _text),
@@ -601,6 +613,68 @@ def _rfc3339(timestamp: float | None) -> str | None:
         return None
     moment = datetime.fromtimestamp(timestamp, timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
+# Logging: configured by main() only, so importing the module changes nothing
+# ---------------------------------------------------------------------------
+
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _log_events(events: list[dict]) -> None:
+    """Log the store's transitions, one line each."""
+    for event in events:
+        fields = {key: value for key, value in event.items() if key != "action"}
+        logger.info("task %s", event["action"], extra=fields)
+
+
+def _fields(record: logging.LogRecord) -> dict:
+    """The fields a log call passed in `extra`."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
+
+
+class _PrettyFormatter(logging.Formatter):
+    """One line for a person: time, level, message, then key=value fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = "".join(
+            f" {key}={_quote(value)}" for key, value in _fields(record).items() if value is not None
+        )
+        line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.getMessage()}{pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, msg and the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": _rfc3339(record.created),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _quote(value: object) -> str:
+    """A log value bare when it reads unambiguously, else as a JSON string."""
+    text = str(value)
+    return text if re.fullmatch(r"[^\s\"=]+", text) else json.dumps(text, ensure_ascii=False)
+
+
+def _configure_logging(config: Config) -> None:
+    """Send every logger's records to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else _PrettyFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
 
 
 # ---------------------------------------------------------------------------
@@ -1174,20 +1248,6 @@ request = bottle.request  # thread-local: the request being handled
 response = bottle.response  # thread-local: the response being built
 
 
-def _envelope(data: object = None, error: OrchestratorError | None = None) -> bytes:
-    """The JSON body every response carries: {success, data, error, timestamp}."""
-    response.content_type = "application/json"
-    body = {
-        "success": error is None,
-        "data": data,
-        "error": None if error is None else {
-            "code": error.code, "message": error.message, "details": error.details,
-        },
-        "timestamp": _rfc3339(time.time()),
-    }
-    return json.dumps(body).encode()
-
-
 def _serve(gate: _Gate, handler: Callable[..., object], **url_args: str) -> bytes:
     """Answer one request: the gate, the handler, and the envelope around either outcome."""
     started = time.perf_counter()
@@ -1226,6 +1286,20 @@ def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
             raise MethodNotAllowed(error.headers["Allow"])
         raise OrchestratorError()
     return _serve(gate, refuse)
+
+
+def _envelope(data: object = None, error: OrchestratorError | None = None) -> bytes:
+    """The JSON body every response carries: {success, data, error, timestamp}."""
+    response.content_type = "application/json"
+    body = {
+        "success": error is None,
+        "data": data,
+        "error": None if error is None else {
+            "code": error.code, "message": error.message, "details": error.details,
+        },
+        "timestamp": _rfc3339(time.time()),
+    }
+    return json.dumps(body).encode()
 
 
 class _Gate:
@@ -1277,7 +1351,7 @@ class _Gate:
     def _check_body_size(self) -> None:
         """Refuse a declared body over the limit before reading any of it."""
         declared = request.environ.get("CONTENT_LENGTH") or "0"
-        if not declared.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", declared):
             raise ValidationError("Content-Length must be a number of bytes")
         if int(declared) > self.max_body:
             raise PayloadTooLarge(
@@ -1290,18 +1364,6 @@ def _host_header() -> str:
     """The Host the client addressed (not X-Forwarded-Host, which anyone can send)."""
     environ = request.environ
     return environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
-
-
-def _origin_key(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an origin, default ports filled in; None when malformed."""
-    try:
-        parts = urlsplit(origin.strip().rstrip("/"))
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    except ValueError:
-        return None
-    if not parts.hostname or port is None or parts.path:
-        return None
-    return parts.scheme.lower(), parts.hostname.lower(), port
 
 
 def _json_body() -> dict:
@@ -1471,68 +1533,6 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
         app.route(path, method, functools.partial(_serve, gate, functools.partial(handler, store)))
     app.default_error_handler = functools.partial(_serve_routing_error, gate)
     return app
-
-
-# ---------------------------------------------------------------------------
-# Logging: configured by main() only, so importing the module changes nothing
-# ---------------------------------------------------------------------------
-
-_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-def _log_events(events: list[dict]) -> None:
-    """Log the store's transitions, one line each."""
-    for event in events:
-        fields = {key: value for key, value in event.items() if key != "action"}
-        logger.info("task %s", event["action"], extra=fields)
-
-
-def _fields(record: logging.LogRecord) -> dict:
-    """The fields a log call passed in `extra`."""
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
-
-
-class _PrettyFormatter(logging.Formatter):
-    """One line for a person: time, level, message, then key=value fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        pairs = "".join(
-            f" {key}={_quote(value)}" for key, value in _fields(record).items() if value is not None
-        )
-        line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.getMessage()}{pairs}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object a line: ts, level, msg and the fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": _rfc3339(record.created),
-            "level": record.levelname.lower(),
-            "msg": record.getMessage(),
-            **_fields(record),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def _quote(value: object) -> str:
-    """A log value bare when it reads unambiguously, else as a JSON string."""
-    text = str(value)
-    return text if re.fullmatch(r"[^\s\"=]+", text) else json.dumps(text, ensure_ascii=False)
-
-
-def _configure_logging(config: Config) -> None:
-    """Send every logger's records to stderr in the configured format."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else _PrettyFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
 
 
 # ---------------------------------------------------------------------------

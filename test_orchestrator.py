@@ -1140,27 +1140,49 @@ def test_importing_the_module_has_no_side_effects():
     assert result.returncode == 0, result.stderr
 
 
+class ServerProcess:
+    """`python orchestrator.py` in a subprocess, with the URL from its first line."""
+
+    def __init__(self, **env):
+        self.process = subprocess.Popen(
+            [sys.executable, str(MODULE)], text=True,
+            env={**os.environ, "APP_SERVER_PORT": "0", **env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.first_line = self.process.stdout.readline()
+        self.url = self.first_line.split()[-1] if self.first_line else None
+
+    def stop(self, signum=signal.SIGTERM):
+        """Send a signal; return (exit status, everything it wrote to stderr)."""
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=10), self.process.stderr.read()
+        finally:
+            self.process.kill()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_server_prints_its_url_and_stops_cleanly_on_a_signal(signum):
-    env = {**os.environ, "APP_SERVER_PORT": "0", "APP_LOG_FORMAT": "json"}
-    process = subprocess.Popen([sys.executable, str(MODULE)], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("orchestrator ") and " listening on http://127.0.0.1:" in line
-        url = line.split()[-1]
-        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
-        connection.request("GET", "/health")
-        assert connection.getresponse().status == 200
-        connection.close()
-        process.send_signal(signum)
-        assert process.wait(timeout=10) == 0
-    finally:
-        process.kill()
-    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    server = ServerProcess(APP_LOG_FORMAT="json")
+    assert server.first_line.startswith("orchestrator ")
+    assert " listening on http://127.0.0.1:" in server.first_line
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    connection.request("GET", "/health")
+    assert connection.getresponse().status == 200
+    connection.close()
+    status, stderr = server.stop(signum)
+    assert status == 0
+    logs = [json.loads(line) for line in stderr.splitlines()]
     access = [entry for entry in logs if entry["msg"] == "request"]
     assert access and access[0]["path"] == "/health" and access[0]["status"] == 200
     assert {"ts", "level", "msg", "method", "duration_ms", "client"} <= set(access[0])
+
+
+def test_listening_beyond_loopback_without_a_key_warns():
+    server = ServerProcess(APP_SERVER_HOST="0.0.0.0")
+    status, stderr = server.stop()
+    assert status == 0
+    assert "WARNING" in stderr and "without APP_SECURITY_API_KEY" in stderr
 
 
 # ---------------------------------------------------------------------------
