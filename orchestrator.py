@@ -25,6 +25,7 @@ the rate limiter, HTTP, logging, serving and the command line.
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import copy
 import dataclasses
@@ -45,6 +46,8 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -360,6 +363,21 @@ class Field:
             raise _invalid(path, "must be one of " + ", ".join(self.enum))
         return value
 
+    def json_schema(self) -> dict:
+        """This field as JSON Schema (2020-12), for MCP tools and the OpenAPI document."""
+        schema: dict[str, object] = {"type": self.type}
+        keywords = {
+            "description": self.description or None, "minLength": self.min_length,
+            "maxLength": self.max_length, "pattern": self.pattern, "minimum": self.minimum,
+            "maximum": self.maximum, "maxItems": self.max_items, "default": self.default,
+            "enum": list(self.enum) if self.enum else None,
+            "items": self.items.json_schema() if self.items else None,
+        }
+        schema.update((key, value) for key, value in keywords.items() if value is not None)
+        if self.schema is not None:
+            schema.update(self.schema.json_schema())
+        return schema
+
     def _check_string(self, value: str, path: str) -> None:
         """Length, pattern and well-formed Unicode."""
         if self.min_length is not None and len(value) < self.min_length:
@@ -422,6 +440,18 @@ class Schema:
             elif declared.default is not None:
                 cleaned[declared.name] = copy.copy(declared.default)
         return cleaned
+
+    def json_schema(self) -> dict:
+        """The body as a closed JSON Schema object: declared fields only."""
+        schema: dict[str, object] = {
+            "type": "object",
+            "properties": {f.name: f.json_schema() for f in self.fields},
+            "additionalProperties": False,
+        }
+        required = [f.name for f in self.fields if f.required]
+        if required:
+            schema["required"] = required
+        return schema
 
     def field(self, name: str) -> Field | None:
         """The declared field of that name, if any."""
@@ -547,6 +577,69 @@ LIST_QUERY = Schema("ListQuery", (
     Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0),
 ))
 
+
+# What responses carry, as JSON Schema, for MCP output schemas and the OpenAPI
+# document. Fields that a request also sets reuse its declaration.
+
+def _nullable(schema: dict) -> dict:
+    """The schema, or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TIMESTAMP = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC."}
+_COUNT = {"type": "integer", "minimum": 0}
+_TASK_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        **{f.name: f.json_schema() for f in (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA)},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "worker_id": _nullable(WORKER_ID.json_schema()),
+        "created_at": _TIMESTAMP,
+        "updated_at": _TIMESTAMP,
+        "started_at": _nullable(_TIMESTAMP),
+        "completed_at": _nullable(_TIMESTAMP),
+        "lease_expires_at": _nullable(_TIMESTAMP),
+        "result": _nullable(RESULT.json_schema()),
+        "error_message": {"type": ["string", "null"]},
+        "retry_count": _COUNT,
+        "max_retries": MAX_RETRIES.json_schema(),
+    },
+    "additionalProperties": False,
+}
+_TASK_SCHEMA["required"] = list(_TASK_SCHEMA["properties"])
+_PAGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tasks": {"type": "array", "items": _TASK_SCHEMA},
+        "total": _COUNT,
+        "limit": LIST_QUERY.field("limit").json_schema(),
+        "offset": LIST_QUERY.field("offset").json_schema(),
+        "has_more": {"type": "boolean"},
+    },
+    "required": ["tasks", "total", "limit", "offset", "has_more"],
+    "additionalProperties": False,
+}
+_STATISTICS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        **{name: _COUNT for name in (
+            "total_tasks", *(f"{status}_tasks" for status in STATUSES), "active_tasks",
+            "retries_total", "expired_leases_total",
+        )},
+        "success_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "average_duration_ms": {"type": ["number", "null"], "minimum": 0},
+        "uptime_seconds": {"type": "number", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+_STATISTICS_SCHEMA["required"] = list(_STATISTICS_SCHEMA["properties"])
+_DELETED_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
+    "required": ["id", "deleted"],
+    "additionalProperties": False,
+}
 
 # ---------------------------------------------------------------------------
 # The task and its life cycle
@@ -1248,17 +1341,27 @@ request = bottle.request  # thread-local: the request being handled
 response = bottle.response  # thread-local: the response being built
 
 
-def _serve(gate: _Gate, handler: Callable[..., object], **url_args: str) -> bytes:
-    """Answer one request: the gate, the handler, and the envelope around either outcome."""
+def _serve(
+    gate: _Gate,
+    handler: Callable[..., object],
+    render: Callable[[object], bytes] | None = None,
+    render_error: Callable[[OrchestratorError], bytes] | None = None,
+    **url_args: str,
+) -> bytes:
+    """Answer one request: the gate, the handler, and the protocol's body for either outcome.
+
+    REST answers in the envelope; /mcp passes its own renderers for JSON-RPC.
+    """
+    render, render_error = render or _envelope, render_error or _error_envelope
     started = time.perf_counter()
     try:
         gate.admit()
-        body = _envelope(handler(**url_args))
+        body = render(handler(**url_args))
     except OrchestratorError as error:
-        body = _error_envelope(error)
+        body = render_error(error)
     except Exception:
         logger.exception("unexpected error", extra={"method": request.method, "path": request.path})
-        body = _error_envelope(OrchestratorError())
+        body = render_error(OrchestratorError())
     logger.info("request", extra={
         "method": request.method,
         "path": request.path,
@@ -1271,10 +1374,15 @@ def _serve(gate: _Gate, handler: Callable[..., object], **url_args: str) -> byte
 
 def _error_envelope(error: OrchestratorError) -> bytes:
     """The status, headers and envelope of an error."""
+    _apply_error_status(error)
+    return _envelope(error=error)
+
+
+def _apply_error_status(error: OrchestratorError) -> None:
+    """Set the response's status and the headers the error calls for."""
     response.status = error.status
     for name, value in error.headers().items():
         response.set_header(name, value)
-    return _envelope(error=error)
 
 
 def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
@@ -1315,8 +1423,11 @@ class _Gate:
         """Raise the error that refuses the current request, if any."""
         if request.path.startswith("/api/"):
             self._check_origin()
-            self._check_rate()
+            self.count_request()
             self._check_api_key()
+        elif request.path == "/mcp":
+            self._check_origin()
+            self._check_api_key()  # its rate limit counts tool calls, in the MCP section
         self._check_body_size()
 
     def _check_origin(self) -> None:
@@ -1329,8 +1440,8 @@ class _Gate:
         if key is None or (key != own and key not in self.allowed_origins):
             raise Forbidden(f"origin {_shorten(origin)} is not allowed")
 
-    def _check_rate(self) -> None:
-        """Count the request against its client address."""
+    def count_request(self) -> None:
+        """Count the request against its client address; RateLimited when over."""
         if self.limiter is None:
             return
         response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
@@ -1368,9 +1479,17 @@ def _host_header() -> str:
 
 def _json_body() -> dict:
     """The request body as a JSON object; no body at all reads as {}."""
+    payload = _read_json(default={})
+    if not isinstance(payload, dict):
+        raise ValidationError("request body must be a JSON object")
+    return payload
+
+
+def _read_json(default: object) -> object:
+    """The request body parsed as JSON; `default` when there is no body at all."""
     length = int(request.environ.get("CONTENT_LENGTH") or 0)
     if length == 0:
-        return {}
+        return default
     media_type = (request.content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType(
@@ -1385,8 +1504,6 @@ def _json_body() -> dict:
         raise ValidationError("request body nests too deeply") from None
     except ValueError as error:
         raise ValidationError(f"request body is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise ValidationError("request body must be a JSON object")
     return payload
 
 
@@ -1517,6 +1634,364 @@ _ROUTES: tuple[tuple[str, str, Callable[..., object]], ...] = (
 )
 
 
+# ---------------------------------------------------------------------------
+# MCP: the store as tools, on POST /mcp (Streamable HTTP, stateless, JSON
+# responses only). Two eras share the endpoint. In the handshake revisions a
+# client sends `initialize` first and then names the agreed version in the
+# MCP-Protocol-Version header; in 2026-07-28 every request carries its version
+# and capabilities in params._meta, mirrored in headers that must agree.
+# ---------------------------------------------------------------------------
+
+MCP_MODERN_VERSION = "2026-07-28"
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")  # newest first
+_MCP_VERSIONS = (MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS)
+#: Revisions whose tools page makes invalid arguments a JSON-RPC error; later
+#: ones return them as tool results, so that the model can correct itself.
+_ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS = ("2025-03-26", "2025-06-18")
+_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+_SERVER_INFO = {
+    "name": "simple-task-orchestrator",
+    "title": "Simple Task Orchestrator",
+    "version": __version__,
+}
+_CAPABILITIES = {"tools": {"listChanged": False}}
+_TOOLS_TTL_MS = 300_000  # the tools change only when the server is upgraded
+_INSTRUCTIONS = (
+    "A shared queue of coding tasks, each a prompt for one absolute work directory. "
+    "To work: call acquire_task with the directory you work in (work_path) and a stable "
+    "worker_id; {\"task\": null} means nothing is waiting. Do the task's prompt in its "
+    "work_directory. If it runs long, call heartbeat_task with your worker_id before "
+    "lease_expires_at, or the task goes to another worker. Finish with complete_task "
+    "(result.output: what you did) or fail_task (error: why), always with your worker_id. "
+    "create_task queues new work; list_tasks, get_task and get_statistics show the queue."
+)
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+INTERNAL_ERROR, HEADER_MISMATCH, UNSUPPORTED_VERSION = -32603, -32020, -32022
+
+
+class _RpcError(Exception):
+    """A JSON-RPC error to answer with.
+
+    `status` is its HTTP status. None means it answers a well-formed request:
+    the handshake revisions send that with 200 (their SDK clients break on a
+    4xx carrying one), 2026-07-28 with 404 for an unknown method, else 400.
+    """
+
+    def __init__(self, code: int, message: str, data: object = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+        self.status = status
+
+
+TASK_ID = Field("task_id", "string", required=True, min_length=1, max_length=100,
+                description="The task's id.")
+_ACQUIRED_SCHEMA = {
+    "type": "object",
+    "properties": {"task": _nullable(_TASK_SCHEMA)},
+    "required": ["task"],
+    "additionalProperties": False,
+}
+_READ_ONLY = {"readOnlyHint": True, "openWorldHint": False}
+_ADDITIVE = {"readOnlyHint": False, "destructiveHint": False, "idempotentHint": False,
+             "openWorldHint": False}
+_IDEMPOTENT = {**_ADDITIVE, "idempotentHint": True}
+_DESTRUCTIVE = {**_ADDITIVE, "destructiveHint": True, "idempotentHint": True}
+
+
+@dataclass(frozen=True, slots=True)
+class _Tool:
+    """One MCP tool: arguments from the declarations, the REST data as its output."""
+
+    name: str
+    title: str
+    description: str
+    arguments: Schema
+    output: dict
+    call: Callable[[TaskStore, dict], dict]
+    hints: dict
+
+    def definition(self) -> dict:
+        """The tool as tools/list shows it."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "inputSchema": self.arguments.json_schema(),
+            "outputSchema": self.output,
+            "annotations": {"title": self.title, **self.hints},
+        }
+
+
+def _on_task(method: str, with_body: bool = True) -> Callable[[TaskStore, dict], dict]:
+    """A tool call: the store method on arguments["task_id"], the other arguments its body."""
+    def call(store: TaskStore, arguments: dict) -> dict:
+        task_id = arguments.pop("task_id")
+        operation = getattr(store, method)
+        task = operation(task_id, arguments) if with_body else operation(task_id)
+        return task.to_dict()
+    return call
+
+
+def _create_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """create_task: the idempotency key travels as an argument."""
+    key = arguments.pop("idempotency_key", None)
+    return store.create(arguments, key)[0].to_dict()
+
+
+def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """acquire_task: {"task": the claimed task, or null}."""
+    task = store.claim(arguments["work_path"], arguments["worker_id"])
+    return {"task": None if task is None else task.to_dict()}
+
+
+def _delete_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """delete_task: the same answer as DELETE /api/v1/tasks/{id}."""
+    store.delete(arguments["task_id"])
+    return {"id": arguments["task_id"], "deleted": True}
+
+
+def _list_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """list_tasks: the REST list page."""
+    page = store.list(arguments)
+    return {**page, "tasks": [task.to_dict() for task in page["tasks"]]}
+
+
+def _with_task_id(name: str, body: Schema) -> Schema:
+    """A tool's arguments: the task id, then the fields of the REST body."""
+    return Schema(name, (TASK_ID, *body.fields))
+
+
+_TOOLS = {tool.name: tool for tool in (
+    _Tool("create_task", "Create a task",
+          "Queue a prompt for agents working in an absolute directory. With an "
+          "idempotency_key, repeating the call returns the first task instead of a second one.",
+          Schema("create_task", (*TASK_CREATE.fields, IDEMPOTENCY_KEY)), _TASK_SCHEMA,
+          _create_by_tool, _ADDITIVE),
+    _Tool("acquire_task", "Acquire the next task",
+          "Claim the next waiting task for your work directory: highest priority, then oldest. "
+          "You hold it under a lease until lease_expires_at. Returns {\"task\": null} when "
+          "nothing is waiting.",
+          CLAIM_QUERY, _ACQUIRED_SCHEMA, _acquire_by_tool, _ADDITIVE),
+    _Tool("complete_task", "Complete a task",
+          "Report a task you hold as done, with its result. A result status of \"failure\" "
+          "counts as a failed attempt.",
+          _with_task_id("complete_task", TASK_COMPLETE), _TASK_SCHEMA, _on_task("complete"),
+          _IDEMPOTENT),
+    _Tool("fail_task", "Fail a task",
+          "Report that a task you hold failed. It is queued again while retries are left "
+          "(unless retry is false), else it becomes failed.",
+          _with_task_id("fail_task", TASK_FAIL), _TASK_SCHEMA, _on_task("fail"), _ADDITIVE),
+    _Tool("heartbeat_task", "Extend a lease",
+          "Extend your lease on a task you hold, so that a long run keeps it.",
+          _with_task_id("heartbeat_task", TASK_HEARTBEAT), _TASK_SCHEMA, _on_task("heartbeat"),
+          _IDEMPOTENT),
+    _Tool("cancel_task", "Cancel a task",
+          "Stop a waiting or working task for good.",
+          _with_task_id("cancel_task", TASK_CANCEL), _TASK_SCHEMA, _on_task("cancel"),
+          _DESTRUCTIVE),
+    _Tool("retry_task", "Retry a failed task",
+          "Queue a failed task again, even past its max_retries.",
+          _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _on_task("retry", False),
+          _ADDITIVE),
+    _Tool("get_task", "Get a task", "Read one task by id.",
+          _with_task_id("get_task", TASK_RETRY), _TASK_SCHEMA, _on_task("get", False),
+          _READ_ONLY),
+    _Tool("update_task", "Update a waiting task",
+          "Change a waiting task's prompt, priority, tags, metadata, max_retries or directory.",
+          _with_task_id("update_task", TASK_UPDATE), _TASK_SCHEMA, _on_task("update"),
+          _IDEMPOTENT),
+    _Tool("delete_task", "Delete a task", "Remove a task in any state.",
+          _with_task_id("delete_task", TASK_RETRY), _DELETED_SCHEMA, _delete_by_tool,
+          _DESTRUCTIVE),
+    _Tool("list_tasks", "List tasks",
+          "A page of tasks, newest first, filtered by status, priority, worker_id, "
+          "work_directory or tag.",
+          Schema("list_tasks", LIST_QUERY.fields), _PAGE_SCHEMA, _list_by_tool, _READ_ONLY),
+    _Tool("get_statistics", "Queue statistics",
+          "Counts by status, success rate, retries, expired leases and mean duration.",
+          Schema("get_statistics", ()), _STATISTICS_SCHEMA,
+          lambda store, _: store.statistics(), _READ_ONLY),
+)}
+_TOOL_DEFINITIONS = [tool.definition() for tool in _TOOLS.values()]
+
+
+def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
+    """Answer the one JSON-RPC message of a POST /mcp; None for a notification (202)."""
+    version = request.get_header("MCP-Protocol-Version") or "2025-03-26"
+    modern = version not in MCP_HANDSHAKE_VERSIONS
+    request_id = None
+    try:
+        message = _rpc_message()
+        if "id" not in message:
+            response.status = 202
+            return None
+        request_id = message["id"]
+        if modern:
+            _check_modern_request(message)
+        result = _call_method(store, gate, message, version)
+    except _RpcError as error:
+        return _rpc_error(request_id, error, modern)
+    if modern:
+        result = {**result, "resultType": "complete",
+                  "_meta": {"io.modelcontextprotocol/serverInfo": _SERVER_INFO}}
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _rpc_message() -> dict:
+    """The request body as one JSON-RPC 2.0 request or notification."""
+    try:
+        message = _read_json(default=None)
+    except ValidationError as error:
+        raise _RpcError(PARSE_ERROR, f"Parse error: {error.message}", status=400) from None
+    if isinstance(message, list):
+        raise _RpcError(INVALID_REQUEST, "batches are not supported: send one message per POST",
+                        status=400)
+    if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0"
+            and isinstance(message.get("method"), str)):
+        raise _RpcError(INVALID_REQUEST, 'expected a JSON-RPC 2.0 request: '
+                        '{"jsonrpc": "2.0", "id": ..., "method": ...}', status=400)
+    request_id = message.get("id", 0)
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int, float)):
+        raise _RpcError(INVALID_REQUEST, "id must be a string or a number", status=400)
+    if not isinstance(message.get("params", {}), dict):
+        raise _RpcError(INVALID_REQUEST, "params must be an object", status=400)
+    return message
+
+
+def _check_modern_request(message: dict) -> None:
+    """2026-07-28: the _meta the request needs, headers that agree with it, a known version."""
+    params = message.get("params", {})
+    meta = params.get("_meta")
+    if not isinstance(meta, dict) or not {_VERSION_KEY, _CAPABILITIES_KEY} <= meta.keys():
+        raise _RpcError(INVALID_PARAMS, f"params._meta must carry {_VERSION_KEY} and "
+                        f"{_CAPABILITIES_KEY}", status=400)
+    mirrored = [("MCP-Protocol-Version", meta[_VERSION_KEY]), ("Mcp-Method", message["method"])]
+    if message["method"] == "tools/call" and "name" in params:
+        mirrored.append(("Mcp-Name", params["name"]))
+    for header, body_value in mirrored:
+        sent = _decode_header(request.get_header(header))
+        if sent != body_value:
+            raise _RpcError(HEADER_MISMATCH, f"Header mismatch: {header} header value {sent!r} "
+                            f"does not match body value {body_value!r}", status=400)
+    if meta[_VERSION_KEY] != MCP_MODERN_VERSION:
+        raise _RpcError(UNSUPPORTED_VERSION, "Unsupported protocol version", status=400,
+                        data={"supported": list(_MCP_VERSIONS), "requested": meta[_VERSION_KEY]})
+
+
+def _decode_header(value: str | None) -> str | None:
+    """A header value, with the spec's =?base64?...?= form for non-ASCII text decoded."""
+    if value and value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except ValueError:  # binascii.Error and UnicodeDecodeError both are
+            return None
+    return value
+
+
+def _call_method(store: TaskStore, gate: _Gate, message: dict, version: str) -> dict:
+    """Run the request's method; _RpcError when it has none in this era."""
+    params = message.get("params", {})
+    method = message["method"]
+    if method == "tools/call":
+        return _call_tool(store, gate, params, version)
+    if method == "tools/list":
+        listing = {"tools": _TOOL_DEFINITIONS}
+        if version == MCP_MODERN_VERSION:
+            listing.update(ttlMs=_TOOLS_TTL_MS, cacheScope="public")
+        return listing
+    if version == MCP_MODERN_VERSION and method == "server/discover":
+        return {"supportedVersions": list(_MCP_VERSIONS), "capabilities": _CAPABILITIES,
+                "instructions": _INSTRUCTIONS, "ttlMs": _TOOLS_TTL_MS, "cacheScope": "public"}
+    if version in MCP_HANDSHAKE_VERSIONS and method == "initialize":
+        return _initialize(params)
+    if version in MCP_HANDSHAKE_VERSIONS and method == "ping":
+        return {}
+    raise _RpcError(METHOD_NOT_FOUND, f"Method not found: {method}")
+
+
+def _initialize(params: dict) -> dict:
+    """The handshake: the client's version when supported, else the newest handshake one."""
+    requested = params.get("protocolVersion")
+    return {
+        "protocolVersion": (
+            requested if requested in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+        ),
+        "capabilities": _CAPABILITIES,
+        "serverInfo": _SERVER_INFO,
+        "instructions": _INSTRUCTIONS,
+    }
+
+
+def _call_tool(store: TaskStore, gate: _Gate, params: dict, version: str) -> dict:
+    """tools/call: business errors become tool results the model can read and act on."""
+    tool = _TOOLS.get(params.get("name"))
+    if tool is None:
+        raise _RpcError(INVALID_PARAMS, f"Unknown tool: {params.get('name')}")
+    arguments = params.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        raise _RpcError(INVALID_PARAMS, "arguments must be an object")
+    try:
+        gate.count_request()  # tool calls are what touch the store, so they are what count
+        data = tool.call(store, tool.arguments.clean(arguments))
+    except ValidationError as error:
+        if version in _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS:
+            raise _RpcError(INVALID_PARAMS, error.message, data=error.details) from None
+        return _tool_error(error)
+    except OrchestratorError as error:
+        return _tool_error(error)
+    text = json.dumps(data)
+    if data == {"task": None}:
+        text = f"No task is waiting in {arguments['work_path']} right now."
+    return {"content": [{"type": "text", "text": text}], "structuredContent": data,
+            "isError": False}
+
+
+def _tool_error(error: OrchestratorError) -> dict:
+    """A failed tool call, its text starting with the error code."""
+    return {"content": [{"type": "text", "text": f"{error.code}: {error.message}"}],
+            "isError": True}
+
+
+def _rpc_error(request_id: object, error: _RpcError, modern: bool) -> dict:
+    """A JSON-RPC error response, its HTTP status set for the era."""
+    status = error.status
+    if status is None:
+        status = (404 if error.code == METHOD_NOT_FOUND else 400) if modern else 200
+    response.status = status
+    body = {"code": error.code, "message": error.message}
+    if error.data is not None:
+        body["data"] = error.data
+    return {"jsonrpc": "2.0", "id": request_id, "error": body}
+
+
+def _render_rpc(message: dict | None) -> bytes:
+    """A JSON-RPC response as the body; nothing for a notification."""
+    if message is None:
+        return b""
+    response.content_type = "application/json"
+    return json.dumps(message).encode()
+
+
+def _render_rpc_refusal(error: OrchestratorError) -> bytes:
+    """A request the gate refused (origin, key, body) as a JSON-RPC error with no id."""
+    _apply_error_status(error)
+    code = INTERNAL_ERROR if error.status >= 500 else INVALID_REQUEST
+    return _render_rpc({
+        "jsonrpc": "2.0", "id": None,
+        "error": {"code": code, "message": error.message,
+                  "data": {"code": error.code, **error.details}},
+    })
+
+
+# ---------------------------------------------------------------------------
+# Serving and the command line
+# ---------------------------------------------------------------------------
+
 def create_app(config: Config | None = None, store: TaskStore | None = None) -> bottle.Bottle:
     """A fresh application over a store (a new one, from config, when none is given).
 
@@ -1531,13 +2006,11 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     app = bottle.Bottle()
     for method, path, handler in _ROUTES:
         app.route(path, method, functools.partial(_serve, gate, functools.partial(handler, store)))
+    mcp = functools.partial(_answer_mcp, store, gate)
+    app.route("/mcp", "POST", functools.partial(_serve, gate, mcp, _render_rpc, _render_rpc_refusal))
     app.default_error_handler = functools.partial(_serve_routing_error, gate)
     return app
 
-
-# ---------------------------------------------------------------------------
-# Serving and the command line
-# ---------------------------------------------------------------------------
 
 class _Server:
     """A waitress server that runs in the calling thread until stop() is called."""
@@ -1601,8 +2074,10 @@ def _argument_parser() -> argparse.ArgumentParser:
     """The command line's flags; each overrides its environment variable."""
     parser = argparse.ArgumentParser(
         prog="orchestrator.py",
-        description="Serve the task orchestrator's REST API. Settings come from APP_* "
-                    "environment variables (see README.md); these flags override them.",
+        description="Serve the task orchestrator's REST API and MCP endpoint. Settings come "
+                    "from APP_* environment variables (see README.md); these flags override them.",
+        epilog="Other command: mcp-stdio (relay an MCP stdio client to /mcp; see "
+               "'orchestrator.py mcp-stdio --help').",
     )
     parser.add_argument("--host", help="listen address (APP_SERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="listen port, 0 for any free one "
@@ -1621,7 +2096,15 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server until SIGINT or SIGTERM; return the exit status (2 for a bad setting)."""
+    """The command line: serve (the default), or a subcommand; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "mcp-stdio":
+        return _main_mcp_stdio(argv[1:])
+    return _main_serve(argv)
+
+
+def _main_serve(argv: list[str]) -> int:
+    """Run the server until SIGINT or SIGTERM; exit status 2 for a bad setting."""
     args = _argument_parser().parse_args(argv)
     try:
         config = Config.from_env().with_flags(host=args.host, port=args.port, threads=args.threads)
@@ -1644,6 +2127,105 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     logger.info("stopped")
     return 0
+
+
+# -- mcp-stdio: for MCP clients that only start local processes ---------------
+
+def _main_mcp_stdio(argv: list[str]) -> int:
+    """Relay newline-delimited JSON-RPC between stdin/stdout and an MCP endpoint."""
+    parser = argparse.ArgumentParser(
+        prog="orchestrator.py mcp-stdio",
+        description="Relay an MCP client that speaks stdio to a running orchestrator's /mcp, "
+                    "so that every agent shares one queue. Stdout carries only protocol "
+                    "messages; logs go to stderr. Exits when stdin closes.",
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8080/mcp", help="the MCP endpoint")
+    parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
+                        help="API key to send as a bearer token (default: APP_SECURITY_API_KEY)")
+    args = parser.parse_args(argv)
+    _configure_logging(Config(log_level="warning"))
+    relay = _StdioRelay(args.url, args.token)
+    for line in sys.stdin:
+        if line.strip():
+            reply = relay.forward(line.strip())
+            if reply is not None:
+                sys.stdout.write(json.dumps(reply) + "\n")
+                sys.stdout.flush()
+    return 0
+
+
+class _StdioRelay:
+    """Posts each stdio message to /mcp with the headers HTTP clients add, returns the reply."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self.token = token
+        self.negotiated: str | None = None  # the handshake version, once initialize answered
+
+    def forward(self, line: str) -> dict | None:
+        """The JSON-RPC reply to one message; None for a notification."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return {"jsonrpc": "2.0", "id": None,
+                    "error": {"code": PARSE_ERROR, "message": "Parse error: not JSON"}}
+        request_id = message.get("id") if isinstance(message, dict) else None
+        try:
+            reply = self._post(line.encode(), self._headers(message))
+        except OSError as error:  # urllib's URLError is one
+            logger.warning("cannot reach %s: %s", self.url, error)
+            reply = {"error": {"code": INTERNAL_ERROR,
+                               "message": f"cannot reach the orchestrator at {self.url}: {error}"}}
+        if not isinstance(message, dict) or "id" not in message:
+            return None
+        if "error" in reply or "result" in reply:
+            reply = {**reply, "jsonrpc": "2.0", "id": request_id}
+        result = reply.get("result")
+        if message.get("method") == "initialize" and isinstance(result, dict):
+            self.negotiated = result.get("protocolVersion")
+        return reply
+
+    def _headers(self, message: object) -> dict[str, str]:
+        """Content type, key, and the protocol headers mirrored from the message."""
+        headers = {"Content-Type": "application/json",
+                   "Accept": "application/json, text/event-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        params = message.get("params") if isinstance(message, dict) else None
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(meta, dict) and _VERSION_KEY in meta:
+            headers["MCP-Protocol-Version"] = str(meta[_VERSION_KEY])
+            headers["Mcp-Method"] = str(message.get("method"))
+            if isinstance(params.get("name"), str):
+                headers["Mcp-Name"] = _encode_header(params["name"])
+        elif self.negotiated:
+            headers["MCP-Protocol-Version"] = self.negotiated
+        return headers
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> dict:
+        """POST one message; the JSON-RPC reply, or a stand-in error for a non-JSON-RPC answer."""
+        post = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(post, timeout=60) as answer:
+                status, raw = answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            reply = json.loads(raw) if raw else {}
+        except ValueError:
+            reply = None
+        if isinstance(reply, dict) and ("result" in reply or "error" in reply or not raw):
+            return reply
+        return {"error": {"code": INTERNAL_ERROR,
+                          "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
+
+
+def _encode_header(value: str) -> str:
+    """A header value as is when plain ASCII, else in the spec's =?base64?...?= form."""
+    if value.isascii() and value.isprintable() and value == value.strip() \
+            and not value.startswith("=?base64?"):
+        return value
+    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
 if __name__ == "__main__":
