@@ -1831,6 +1831,9 @@ def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
             response.status = 202
             return None
         request_id = message["id"]
+        # A body that names its version in _meta is 2026-07-28 in form, whatever the header.
+        meta = message.get("params", {}).get("_meta")
+        modern = modern or (isinstance(meta, dict) and _VERSION_KEY in meta)
         if modern:
             _check_modern_request(message)
         result = _call_method(store, gate, message, version)

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -1314,3 +1315,523 @@ def test_concurrent_claims_deliver_each_task_exactly_once(live_url, live_store):
     assert sum(1 for ids in claimed if ids) > 1  # the work really was shared
     stats = live_store.statistics()
     assert stats["working_tasks"] == total and stats["waiting_tasks"] == 0
+
+
+# ---------------------------------------------------------------------------
+# A small JSON Schema checker: the subset the service's schemas use
+# ---------------------------------------------------------------------------
+
+def schema_errors(schema, value, path="$"):
+    """Every way value breaks schema, as readable strings (empty when it conforms)."""
+    if "anyOf" in schema:
+        if all(schema_errors(option, value, path) for option in schema["anyOf"]):
+            return [f"{path}: matches no anyOf option"]
+        return []
+    if "const" in schema and value != schema["const"]:
+        return [f"{path}: is not {schema['const']!r}"]
+    types = schema.get("type")
+    if types is not None:
+        allowed = types if isinstance(types, list) else [types]
+        if not any(json_type_matches(name, value) for name in allowed):
+            return [f"{path}: {value!r} is not of type {types}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in {schema['enum']}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", 1e18):
+            errors.append(f"{path}: length {len(value)} out of bounds")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{path}: does not match {schema['pattern']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -1e18) or value > schema.get("maximum", 1e18):
+            errors.append(f"{path}: {value} out of bounds")
+    if isinstance(value, list):
+        if len(value) > schema.get("maxItems", 1e18):
+            errors.append(f"{path}: too many items")
+        for index, item in enumerate(value):
+            errors += schema_errors(schema.get("items", {}), item, f"{path}[{index}]")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        errors += [f"{path}: missing {name}" for name in schema.get("required", [])
+                   if name not in value]
+        if schema.get("additionalProperties") is False:
+            errors += [f"{path}: unexpected {name}" for name in value if name not in properties]
+        for name, item in value.items():
+            if name in properties:
+                errors += schema_errors(properties[name], item, f"{path}.{name}")
+    return errors
+
+
+def json_type_matches(name, value):
+    return {
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+        "null": value is None,
+    }[name]
+
+
+def test_the_schema_checker_catches_what_it_claims_to():
+    schema = orchestrator._TASK_SCHEMA
+    good = orchestrator.TaskStore().create({"work_directory": "/r", "prompt": "p"})[0].to_dict()
+    assert schema_errors(schema, good) == []
+    for broken in ({**good, "status": "lost"}, {**good, "extra": 1}, {**good, "retry_count": -1},
+                   {k: v for k, v in good.items() if k != "id"}, {**good, "result": "text"}):
+        assert schema_errors(schema, broken)
+
+
+# ---------------------------------------------------------------------------
+# MCP
+# ---------------------------------------------------------------------------
+
+MODERN = "2026-07-28"
+META = {"io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+@pytest.fixture
+def rpc(client):
+    """Send one JSON-RPC message to /mcp; the headers follow the era of `version`."""
+    def rpc(method, params=None, *, version="2025-11-25", request_id=1, headers=None,
+            status=200, notification=False):
+        message = {"jsonrpc": "2.0", "method": method}
+        if not notification:
+            message["id"] = request_id
+        params = dict(params or {})
+        sent = {}
+        if version == MODERN:
+            params.setdefault("_meta", META)
+            sent = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
+            if method == "tools/call":
+                sent["Mcp-Name"] = params.get("name", "")
+        elif version is not None:
+            sent = {"MCP-Protocol-Version": version}
+        if params:
+            message["params"] = params
+        sent.update(headers or {})
+        res = client.post("/mcp", json.dumps(message).encode(), content_type="application/json",
+                          headers={k: v for k, v in sent.items() if v is not None}, status=status)
+        assert "Mcp-Session-Id" not in res.headers
+        return res
+    return rpc
+
+
+@pytest.fixture
+def call_tool(rpc):
+    """tools/call; returns the JSON-RPC result."""
+    def call_tool(name, arguments=None, version="2025-11-25"):
+        res = rpc("tools/call", {"name": name, "arguments": arguments or {}}, version=version)
+        return res.json["result"]
+    return call_tool
+
+
+HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
+TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
+              "cancel_task", "retry_task", "get_task", "update_task", "delete_task", "list_tasks",
+              "get_statistics"]
+
+
+@pytest.mark.parametrize("version", HANDSHAKE_VERSIONS)
+def test_handshake_conversation(rpc, version):
+    init = rpc("initialize", {"protocolVersion": version, "capabilities": {},
+                              "clientInfo": {"name": "test", "version": "1"}}, version=None)
+    result = init.json["result"]
+    assert init.json["id"] == 1 and result["protocolVersion"] == version
+    assert result["serverInfo"] == {"name": "simple-task-orchestrator", "version": "1.0.0",
+                                    "title": "Simple Task Orchestrator"}
+    assert result["capabilities"] == {"tools": {"listChanged": False}}
+    for step in ("acquire_task", "heartbeat_task", "complete_task", "fail_task", "worker_id"):
+        assert step in result["instructions"]
+    initialized = rpc("notifications/initialized", version=version, notification=True, status=202)
+    assert initialized.body == b""
+    assert rpc("ping", version=version, request_id="p").json == {
+        "jsonrpc": "2.0", "id": "p", "result": {}}
+    tools = rpc("tools/list", version=version).json["result"]
+    assert [tool["name"] for tool in tools["tools"]] == TOOL_NAMES
+    assert "resultType" not in tools and "ttlMs" not in tools
+    created = rpc("tools/call", {"name": "create_task", "arguments": {
+        "work_directory": "/r", "prompt": "p"}}, version=version).json["result"]
+    assert created["isError"] is False and created["structuredContent"]["status"] == "waiting"
+    assert json.loads(created["content"][0]["text"]) == created["structuredContent"]
+
+
+@pytest.mark.parametrize("asked", ["2024-11-05", MODERN, "someday", None])
+def test_initialize_offers_the_newest_handshake_version_otherwise(rpc, asked):
+    result = rpc("initialize", {"protocolVersion": asked, "capabilities": {}},
+                 version=None).json["result"]
+    assert result["protocolVersion"] == "2025-11-25"
+
+
+def test_a_missing_version_header_means_2025_03_26(rpc):
+    res = rpc("tools/call", {"name": "create_task", "arguments": {"prompt": "p"}}, version=None)
+    assert res.json["error"]["code"] == -32602  # argument errors are protocol errors there
+    assert res.json["error"]["message"] == "work_directory: is required"
+
+
+def test_modern_conversation(rpc, call_tool):
+    discover = rpc("server/discover", version=MODERN).json["result"]
+    assert discover["supportedVersions"][0] == MODERN
+    assert set(HANDSHAKE_VERSIONS) <= set(discover["supportedVersions"])
+    assert discover["capabilities"] == {"tools": {"listChanged": False}}
+    assert "acquire_task" in discover["instructions"]
+    assert discover["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == (
+        "simple-task-orchestrator")
+    assert discover["resultType"] == "complete" and discover["cacheScope"] == "public"
+    assert discover["ttlMs"] > 0
+    tools = rpc("tools/list", version=MODERN).json["result"]
+    assert [tool["name"] for tool in tools["tools"]] == TOOL_NAMES
+    assert tools["resultType"] == "complete" and tools["ttlMs"] > 0
+    created = call_tool("create_task", {"work_directory": "/m", "prompt": "p"}, version=MODERN)
+    assert created["resultType"] == "complete" and created["isError"] is False
+    acquired = call_tool("acquire_task", {"work_path": "/m", "worker_id": "w"}, version=MODERN)
+    assert acquired["structuredContent"]["task"]["id"] == created["structuredContent"]["id"]
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"io.modelcontextprotocol/protocolVersion": MODERN},
+                                  {"io.modelcontextprotocol/clientCapabilities": {}}, "text", 5,
+                                  [1]])
+def test_a_modern_request_without_its_meta_is_invalid_params(rpc, meta):
+    params = {} if meta is None else {"_meta": meta}
+    res = rpc("tools/list", params, version=None, status=400,
+              headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"})
+    assert res.json["error"]["code"] == -32602 and res.json["id"] == 1
+
+
+@pytest.mark.parametrize("headers", [
+    {"MCP-Protocol-Version": "2025-11-25"},
+    {"Mcp-Method": None},
+    {"Mcp-Method": "tools/list"},
+    {"Mcp-Name": "get_task"},
+    {"Mcp-Name": None},
+    {"Mcp-Name": "=?base64?not base64?="},
+])
+def test_modern_headers_must_agree_with_the_body(rpc, store, headers):
+    res = rpc("tools/call", {"name": "create_task", "arguments": {
+        "work_directory": "/r", "prompt": "p"}}, version=MODERN, headers=headers, status=400)
+    assert res.json["error"]["code"] == -32020
+    assert res.json["error"]["message"].startswith("Header mismatch")
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_a_modern_mcp_name_may_come_base64_encoded(rpc):
+    encoded = "=?base64?" + __import__("base64").b64encode(b"get_statistics").decode() + "?="
+    res = rpc("tools/call", {"name": "get_statistics"}, version=MODERN,
+              headers={"Mcp-Name": encoded})
+    assert res.json["result"]["isError"] is False
+
+
+def test_an_unsupported_modern_version_names_the_supported_ones(rpc):
+    meta = {**META, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}
+    res = rpc("tools/list", {"_meta": meta}, version=None, status=400,
+              headers={"MCP-Protocol-Version": "2099-01-01", "Mcp-Method": "tools/list"})
+    error = res.json["error"]
+    assert error["code"] == -32022 and error["data"]["requested"] == "2099-01-01"
+    assert MODERN in error["data"]["supported"]
+
+
+@pytest.mark.parametrize("meta", [5, "text", [1], None])
+def test_odd_meta_in_a_handshake_request_is_ignored(rpc, meta):
+    assert rpc("ping", {"_meta": meta}).json["result"] == {}
+
+
+def test_an_unsupported_version_header_without_meta_is_a_400(rpc):
+    res = rpc("tools/list", version="1999-01-01", status=400)
+    assert res.json["error"]["code"] == -32602
+
+
+@pytest.mark.parametrize("method, version, status", [
+    ("resources/list", "2025-11-25", 200),
+    ("server/discover", "2025-06-18", 200),
+    ("resources/list", MODERN, 404),
+    ("initialize", MODERN, 404),
+    ("ping", MODERN, 404),
+])
+def test_an_unknown_method_is_32601_with_the_eras_status(rpc, method, version, status):
+    res = rpc(method, version=version, status=status)
+    assert res.json["error"]["code"] == -32601 and res.json["id"] == 1
+
+
+@pytest.mark.parametrize("version, status", [("2025-11-25", 200), (MODERN, 400)])
+def test_an_unknown_tool_is_32602(rpc, version, status):
+    res = rpc("tools/call", {"name": "make_coffee"}, version=version, status=status)
+    assert res.json["error"]["code"] == -32602 and "make_coffee" in res.json["error"]["message"]
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{", -32700),
+    (b"\xff", -32700),
+    (b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]', -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "result": {}}', -32600),
+    (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', -32600),
+    (b'{"jsonrpc": "2.0", "id": true, "method": "ping"}', -32600),
+    (b'{"jsonrpc": "2.0", "id": {}, "method": "ping"}', -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": []}', -32600),
+    (b"null", -32600),
+    (b"", -32600),
+])
+def test_malformed_messages_are_400_with_the_json_rpc_code(client, raw, code):
+    res = client.post("/mcp", raw, content_type="application/json", status=400)
+    assert res.json["error"]["code"] == code and res.json["id"] is None
+
+
+@pytest.mark.parametrize("method, version", [("notifications/initialized", "2025-11-25"),
+                                             ("notifications/cancelled", "2025-06-18"),
+                                             ("notifications/anything", MODERN)])
+def test_any_notification_is_202_without_a_body(rpc, method, version):
+    assert rpc(method, version=version, notification=True, status=202).body == b""
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_get_and_delete_on_mcp_are_405_allowing_post(client, method):
+    res = client.request("/mcp", method=method, status=405)
+    assert res.headers["Allow"] == "POST"
+
+
+def test_every_tool_works_and_returns_what_rest_returns(client, call_tool, claim):
+    created = call_tool("create_task", {"work_directory": "/r", "prompt": "p", "priority": "high",
+                                        "idempotency_key": "k1"})["structuredContent"]
+    again = call_tool("create_task", {"work_directory": "/r", "prompt": "p", "priority": "high",
+                                      "idempotency_key": "k1"})["structuredContent"]
+    assert again["id"] == created["id"]
+    task_id = created["id"]
+    acquired = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
+    assert acquired["structuredContent"]["task"]["id"] == task_id
+    beat = call_tool("heartbeat_task", {"task_id": task_id, "worker_id": "w"})
+    assert beat["structuredContent"]["status"] == "working"
+    done = call_tool("complete_task", {"task_id": task_id, "worker_id": "w",
+                                       "result": {"output": "ok", "duration_ms": 5}})
+    assert done["structuredContent"]["result"] == {"status": "success", "output": "ok",
+                                                   "duration_ms": 5}
+    rest = client.get(f"/api/v1/tasks/{task_id}").json["data"]
+    assert call_tool("get_task", {"task_id": task_id})["structuredContent"] == rest
+    second = call_tool("create_task", {"work_directory": "/r", "prompt": "two"})
+    second_id = second["structuredContent"]["id"]
+    updated = call_tool("update_task", {"task_id": second_id, "prompt": "2", "tags": ["x"]})
+    assert updated["structuredContent"]["prompt"] == "2"
+    call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
+    failed = call_tool("fail_task", {"task_id": second_id, "error": "no", "retry": False})
+    assert failed["structuredContent"]["status"] == "failed"
+    retried = call_tool("retry_task", {"task_id": second_id})
+    assert retried["structuredContent"]["status"] == "waiting"
+    cancelled = call_tool("cancel_task", {"task_id": second_id, "reason": "enough"})
+    assert cancelled["structuredContent"]["error_message"] == "enough"
+    page = call_tool("list_tasks", {"status": "completed"})["structuredContent"]
+    assert page == {**client.get("/api/v1/tasks?status=completed").json["data"]}
+    stats = call_tool("get_statistics")["structuredContent"]
+    assert stats["completed_tasks"] == 1 and stats["cancelled_tasks"] == 1
+    deleted = call_tool("delete_task", {"task_id": second_id})["structuredContent"]
+    assert deleted == {"id": second_id, "deleted": True}
+    empty = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
+    assert empty["structuredContent"] == {"task": None}
+    assert empty["content"][0]["text"] == "No task is waiting in /r right now."
+
+
+def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
+    schemas = {tool["name"]: tool["outputSchema"]
+               for tool in rpc("tools/list").json["result"]["tools"]}
+    task_id = call_tool("create_task", {"work_directory": "/r", "prompt": "p"})[
+        "structuredContent"]["id"]
+    calls = [
+        ("acquire_task", {"work_path": "/r", "worker_id": "w"}),
+        ("heartbeat_task", {"task_id": task_id, "worker_id": "w"}),
+        ("complete_task", {"task_id": task_id}),
+        ("get_task", {"task_id": task_id}),
+        ("acquire_task", {"work_path": "/r", "worker_id": "w"}),
+        ("list_tasks", {}),
+        ("get_statistics", {}),
+        ("delete_task", {"task_id": task_id}),
+    ]
+    for name, arguments in calls:
+        result = call_tool(name, arguments)
+        assert result["isError"] is False, result
+        assert schema_errors(schemas[name], result["structuredContent"]) == [], name
+
+
+@pytest.mark.parametrize("name, arguments, code", [
+    ("get_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("complete_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("fail_task", {"task_id": "missing", "error": "x"}, "NOT_FOUND"),
+    ("heartbeat_task", {"task_id": "missing", "worker_id": "w"}, "NOT_FOUND"),
+    ("cancel_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("retry_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("update_task", {"task_id": "missing", "prompt": "x"}, "NOT_FOUND"),
+    ("delete_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("complete_task", {"task_id": "WAITING"}, "CONFLICT"),
+    ("fail_task", {"task_id": "WAITING", "error": "x"}, "CONFLICT"),
+    ("heartbeat_task", {"task_id": "WAITING", "worker_id": "w"}, "CONFLICT"),
+    ("retry_task", {"task_id": "WAITING"}, "CONFLICT"),
+    ("create_task", {"work_directory": "/r", "prompt": "other", "idempotency_key": "k"},
+     "CONFLICT"),
+])
+def test_business_errors_are_tool_results_starting_with_the_code(call_tool, name, arguments,
+                                                                 code):
+    waiting = call_tool("create_task", {"work_directory": "/r", "prompt": "p",
+                                        "idempotency_key": "k"})["structuredContent"]
+    arguments = {key: waiting["id"] if value == "WAITING" else value
+                 for key, value in arguments.items()}
+    result = call_tool(name, arguments)
+    assert result["isError"] is True and "structuredContent" not in result
+    assert result["content"][0]["text"].startswith(f"{code}: ")
+
+
+@pytest.mark.parametrize("version, as_protocol_error", [
+    ("2025-03-26", True), ("2025-06-18", True), ("2025-11-25", False), (MODERN, False),
+])
+def test_argument_errors_follow_the_revision(rpc, store, version, as_protocol_error):
+    res = rpc("tools/call", {"name": "create_task", "arguments": {
+        "work_directory": "relative", "prompt": "p"}}, version=version)
+    if as_protocol_error:
+        assert res.json["error"]["code"] == -32602
+        assert res.json["error"]["data"] == {"field": "work_directory"}
+    else:
+        result = res.json["result"]
+        assert result["isError"] is True
+        assert result["content"][0]["text"].startswith("VALIDATION_ERROR: work_directory:")
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_tools_reject_unknown_arguments(call_tool, store):
+    result = call_tool("create_task", {"work_directory": "/r", "prompt": "p", "status": "done"})
+    assert result["content"][0]["text"].startswith("VALIDATION_ERROR: unknown fields: status")
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_tool_schemas_come_from_the_request_declarations(rpc):
+    tools = {tool["name"]: tool for tool in rpc("tools/list").json["result"]["tools"]}
+    create = tools["create_task"]["inputSchema"]
+    assert create["properties"]["work_directory"] == orchestrator.WORK_DIRECTORY.json_schema()
+    assert create["required"] == ["work_directory", "prompt"]
+    assert create["additionalProperties"] is False
+    assert create["properties"]["idempotency_key"]["maxLength"] == 200
+    complete = tools["complete_task"]["inputSchema"]["properties"]
+    assert complete["result"]["properties"]["status"]["enum"] == ["success", "failure"]
+    assert tools["acquire_task"]["inputSchema"]["required"] == ["work_path", "worker_id"]
+    acquired = tools["acquire_task"]["outputSchema"]["properties"]["task"]
+    assert schema_errors(acquired, None) == []
+
+
+def test_tool_annotations_mark_reads_and_deletes(rpc):
+    tools = {tool["name"]: tool["annotations"] for tool in rpc("tools/list").json["result"]["tools"]}
+    assert {name for name, hints in tools.items() if hints.get("readOnlyHint")} == {
+        "get_task", "list_tasks", "get_statistics"}
+    assert tools["delete_task"]["destructiveHint"] is True
+    assert tools["create_task"]["destructiveHint"] is False
+
+
+def test_mcp_refuses_a_foreign_origin(rpc, store):
+    res = rpc("tools/call", {"name": "create_task", "arguments": {"work_directory": "/r",
+              "prompt": "p"}}, headers={"Origin": "http://evil.example"}, status=403)
+    assert res.json["error"]["code"] == -32600 and res.json["id"] is None
+    assert res.json["error"]["data"]["code"] == "FORBIDDEN"
+    assert store.statistics()["total_tasks"] == 0
+    rpc("ping", headers={"Origin": "http://localhost"})
+
+
+def test_mcp_needs_the_api_key_when_one_is_set(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, api_key="s3cret"), store))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    res = client.post("/mcp", body, content_type="application/json", status=401)
+    assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    assert res.json["error"]["data"]["code"] == "UNAUTHORIZED"
+    client.post("/mcp", body, content_type="application/json",
+                headers={"Authorization": "Bearer s3cret"}, status=200)
+
+
+def test_mcp_rate_limit_answers_tool_calls_as_tool_results(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=2), store))
+
+    def call(method, params=None):
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+        return client.post("/mcp", json.dumps(body).encode(), content_type="application/json",
+                           headers={"MCP-Protocol-Version": "2025-11-25"}).json["result"]
+
+    for _ in range(2):
+        assert call("tools/call", {"name": "get_statistics"})["isError"] is False
+    limited = call("tools/call", {"name": "get_statistics"})
+    assert limited["isError"] is True
+    assert limited["content"][0]["text"].startswith("RATE_LIMIT_EXCEEDED: ")
+    assert len(call("tools/list")["tools"]) == 12  # listing does not touch the store
+
+
+@pytest.mark.parametrize("content_type, status", [("text/plain", 415), ("application/json", 413)])
+def test_mcp_applies_the_content_type_and_body_limit(store, content_type, status):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, max_body=50), store))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "get_statistics", "arguments": {"padding": "x" * (40 if status == 415 else 99)}}})
+    if status == 415:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    res = client.post("/mcp", body.encode(), content_type=content_type, status=status)
+    assert res.json["jsonrpc"] == "2.0" and res.json["id"] is None
+
+
+def test_tasks_cross_between_mcp_and_rest(client, call_tool, make_task, claim):
+    over_mcp = call_tool("create_task", {"work_directory": "/x", "prompt": "from mcp"})
+    assert claim(work_path="/x")["id"] == over_mcp["structuredContent"]["id"]
+    over_rest = make_task(work_directory="/y")
+    acquired = call_tool("acquire_task", {"work_path": "/y", "worker_id": "agent"})
+    assert acquired["structuredContent"]["task"]["id"] == over_rest["id"]
+    assert client.get(task_url(over_rest)).json["data"]["worker_id"] == "agent"
+
+
+def run_relay(url, lines, *extra):
+    """Feed lines to `orchestrator.py mcp-stdio`; return (exit status, stdout lines, stderr)."""
+    result = subprocess.run([sys.executable, str(MODULE), "mcp-stdio", "--url", url, *extra],
+                            input="".join(line + "\n" for line in lines), capture_output=True,
+                            text=True, timeout=30)
+    return result.returncode, result.stdout.splitlines(), result.stderr
+
+
+def test_mcp_stdio_relays_both_eras_and_exits_when_stdin_closes(live_url, live_store):
+    handshake = [
+        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}}),
+        json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "create_task", "arguments": {"work_directory": "/s", "prompt": "p"}}}),
+        json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "create_task", "arguments": {"work_directory": "s", "prompt": "p"}}}),
+        json.dumps({"jsonrpc": "2.0", "id": 4, "method": "server/discover",
+                    "params": {"_meta": META}}),
+        json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+            "_meta": META, "name": "acquire_task", "arguments": {"work_path": "/s",
+                                                                 "worker_id": "ü-worker"}}}),
+    ]
+    status, replies, _ = run_relay(live_url + "/mcp", handshake)
+    assert status == 0
+    replies = [json.loads(line) for line in replies]
+    assert [reply["id"] for reply in replies] == [1, 2, 3, 4, 5]  # none for the notification
+    assert replies[0]["result"]["protocolVersion"] == "2025-06-18"
+    assert replies[1]["result"]["structuredContent"]["status"] == "waiting"
+    assert replies[2]["error"]["code"] == -32602  # 2025-06-18 was negotiated and relayed
+    assert replies[3]["result"]["supportedVersions"][0] == MODERN
+    assert replies[4]["result"]["structuredContent"]["task"]["worker_id"] == "ü-worker"
+    assert live_store.statistics()["working_tasks"] == 1
+
+
+def test_mcp_stdio_answers_every_request_even_when_the_server_is_down():
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port.getsockname()[1]}/mcp"
+    port.close()
+    status, replies, stderr = run_relay(url, ['{"jsonrpc": "2.0", "id": 7, "method": "ping"}',
+                                              "not json"])
+    assert status == 0
+    first, second = (json.loads(line) for line in replies)
+    assert first["id"] == 7 and "cannot reach the orchestrator" in first["error"]["message"]
+    assert second["error"]["code"] == -32700
+    assert "cannot reach" in stderr
+
+
+def test_mcp_stdio_sends_the_token(store):
+    config = Config(rate_limit=0, api_key="s3cret")
+    with running_server(config, create_app(config, store)) as url:
+        ping = ['{"jsonrpc": "2.0", "id": 1, "method": "ping"}']
+        _, refused, _ = run_relay(url + "/mcp", ping)
+        _, accepted, _ = run_relay(url + "/mcp", ping, "--token", "s3cret")
+    assert json.loads(refused[0])["error"]["data"]["code"] == "UNAUTHORIZED"
+    assert json.loads(refused[0])["id"] == 1
+    assert json.loads(accepted[0])["result"] == {}
