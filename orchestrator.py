@@ -335,6 +335,7 @@ class Field:
     pattern: str | None = None  #: searched, as JSON Schema does; `pattern_rule` says it in words
     pattern_rule: str = ""
     enum: tuple[str, ...] | None = None  #: checked after `normalize`
+    case_insensitive: bool = False  #: an enum value in any case, stored in lower case
     minimum: int | None = None
     maximum: int | None = None
     items: Field | None = None
@@ -345,6 +346,8 @@ class Field:
 
     def clean(self, value: object, path: str) -> object:
         """Check a value against this field and return it normalized; raise ValidationError."""
+        if self.type == "integer" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema counts 3.0 as an integer
         if not isinstance(value, _JSON_TYPES[self.type]) or (
             self.type == "integer" and isinstance(value, bool)
         ):
@@ -359,6 +362,8 @@ class Field:
             value = self._clean_object(value, path)
         if self.normalize is not None:
             value = self.normalize(value)
+        if self.case_insensitive:
+            value = value.lower()
         if self.enum is not None and value not in self.enum:
             raise _invalid(path, "must be one of " + ", ".join(self.enum))
         return value
@@ -374,6 +379,13 @@ class Field:
             "items": self.items.json_schema() if self.items else None,
         }
         schema.update((key, value) for key, value in keywords.items() if value is not None)
+        if self.case_insensitive:
+            # JSON Schema's enum is case-sensitive; a pattern says "any case" exactly.
+            del schema["enum"]
+            schema["pattern"] = "^(" + "|".join(
+                "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in word)
+                for word in self.enum
+            ) + ")$"
         if self.schema is not None:
             schema.update(self.schema.json_schema())
         return schema
@@ -419,6 +431,7 @@ class Schema:
 
     name: str
     fields: tuple[Field, ...]
+    min_fields: int = 0  #: how many fields a payload must set at least
 
     def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
         """Validate a payload and return its cleaned fields, defaults filled in."""
@@ -439,6 +452,10 @@ class Schema:
                 raise _invalid(path, "is required")
             elif declared.default is not None:
                 cleaned[declared.name] = copy.copy(declared.default)
+        if len(payload) < self.min_fields:
+            raise ValidationError(
+                f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
+            )
         return cleaned
 
     def json_schema(self) -> dict:
@@ -451,17 +468,18 @@ class Schema:
         required = [f.name for f in self.fields if f.required]
         if required:
             schema["required"] = required
+        if self.min_fields:
+            schema["minProperties"] = self.min_fields
         return schema
 
     def field(self, name: str) -> Field | None:
         """The declared field of that name, if any."""
         return next((f for f in self.fields if f.name == name), None)
 
-    def all_optional(self, name: str) -> Schema:
-        """The same fields, none required and none defaulted: the shape of a partial update."""
-        return Schema(
-            name, tuple(dataclasses.replace(f, required=False, default=None) for f in self.fields)
-        )
+    def partial(self, name: str) -> Schema:
+        """The same fields, none required or defaulted, at least one sent: a partial update."""
+        fields = tuple(dataclasses.replace(f, required=False, default=None) for f in self.fields)
+        return Schema(name, fields, min_fields=1)
 
 
 def _invalid(path: str, rule: str) -> ValidationError:
@@ -513,7 +531,7 @@ PROMPT = Field(
     description="What the agent is asked to do; stored verbatim.",
 )
 PRIORITY = Field(
-    "priority", "string", enum=PRIORITIES, default="medium", normalize=str.lower,
+    "priority", "string", enum=PRIORITIES, default="medium", case_insensitive=True,
     description="Claim order: high before medium before low; any case.",
 )
 TAG = Field("tag", "string", min_length=1, max_length=50)
@@ -534,10 +552,19 @@ WORKER_ID = Field(
     pattern=r"^[^\x00-\x1f\x7f]+$", pattern_rule="must be printable characters",
     description="Who holds (or claims) the task.",
 )
+TASK_ID = Field(
+    "task_id", "string", required=True,
+    pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    pattern_rule="must be a task id (a UUID)", description="The task's id.",
+)
 IDEMPOTENCY_KEY = Field(
     "idempotency_key", "string", min_length=1, max_length=200,
+    # HTTP drops a header value's edge spaces and cannot carry control characters.
+    pattern=r"^[!-~]([ -~]*[!-~])?$",
+    pattern_rule="must be printable ASCII without leading or trailing spaces",
     description="A repeated create with the same key returns the first task.",
 )
+IDEMPOTENCY_HEADER = dataclasses.replace(IDEMPOTENCY_KEY, name="Idempotency-Key")
 RESULT = Schema("TaskResult", (
     Field("status", "string", enum=("success", "failure"), default="success"),
     Field("output", "string", default=""),
@@ -546,7 +573,7 @@ RESULT = Schema("TaskResult", (
 ))
 
 TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES))
-TASK_UPDATE = TASK_CREATE.all_optional("TaskUpdate")
+TASK_UPDATE = TASK_CREATE.partial("TaskUpdate")
 TASK_COMPLETE = Schema("TaskComplete", (
     dataclasses.replace(PROMPT, name="original_prompt", required=False,
                         description="When given, must equal the task's prompt."),
@@ -564,7 +591,8 @@ TASK_HEARTBEAT = Schema("TaskHeartbeat", (dataclasses.replace(WORKER_ID, require
 TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
 TASK_RETRY = Schema("TaskRetry", ())
 CLAIM_QUERY = Schema("ClaimQuery", (
-    dataclasses.replace(WORK_DIRECTORY, name="work_path"),
+    dataclasses.replace(WORK_DIRECTORY, name="work_path",
+                        description="The absolute directory to claim a task for."),
     dataclasses.replace(WORKER_ID, required=True),
 ))
 LIST_QUERY = Schema("ListQuery", (
@@ -592,7 +620,8 @@ _TASK_SCHEMA = {
     "type": "object",
     "properties": {
         "id": {"type": "string", "format": "uuid"},
-        **{f.name: f.json_schema() for f in (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA)},
+        **{f.name: f.json_schema() for f in (WORK_DIRECTORY, PROMPT, TAGS, METADATA)},
+        "priority": {"type": "string", "enum": list(PRIORITIES)},  # stored in lower case
         "status": {"type": "string", "enum": list(STATUSES)},
         "worker_id": _nullable(WORKER_ID.json_schema()),
         "created_at": _TIMESTAMP,
@@ -634,6 +663,22 @@ _STATISTICS_SCHEMA = {
     "additionalProperties": False,
 }
 _STATISTICS_SCHEMA["required"] = list(_STATISTICS_SCHEMA["properties"])
+_HEALTH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "status": {"const": "healthy"},
+        "version": {"type": "string"},
+        "uptime_seconds": {"type": "number", "minimum": 0},
+        "tasks": {
+            "type": "object",
+            "properties": {"total": _COUNT, "waiting": _COUNT, "working": _COUNT},
+            "required": ["total", "waiting", "working"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["status", "version", "uptime_seconds", "tasks"],
+    "additionalProperties": False,
+}
 _DELETED_SCHEMA = {
     "type": "object",
     "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
@@ -881,7 +926,7 @@ class TaskStore:
         values = TASK_CREATE.clean(fields)
         fingerprint = None
         if idempotency_key is not None:
-            IDEMPOTENCY_KEY.clean(idempotency_key, "Idempotency-Key")
+            IDEMPOTENCY_HEADER.clean(idempotency_key, IDEMPOTENCY_HEADER.name)
             fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
         with self._transaction() as (now, events):
             if idempotency_key in self._idempotency:
@@ -971,8 +1016,9 @@ class TaskStore:
             events.append(_event("cancelled", task))
             return copy.copy(task)
 
-    def retry(self, task_id: str) -> Task:
+    def retry(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Put a failed task back in the queue, even past max_retries: a person decided."""
+        TASK_RETRY.clean(fields or {})
         with self._transaction() as (now, events):
             task = self._find(task_id)
             self._require(task, (FAILED,), "retry")
@@ -990,10 +1036,6 @@ class TaskStore:
     def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Change a waiting task's fields; a new priority or directory keeps its place in time."""
         values = TASK_UPDATE.clean(fields)
-        if not values:
-            raise ValidationError(
-                "nothing to update; send any of " + ", ".join(f.name for f in TASK_UPDATE.fields)
-            )
         with self._transaction() as (now, events):
             task = self._find(task_id)
             self._require(task, (WAITING,), "update")
@@ -1534,76 +1576,78 @@ def _query(schema: Schema) -> dict:
     return schema.clean(query)
 
 
-def _create_task(store: TaskStore) -> dict:
-    """Create a task; a repeated Idempotency-Key returns the first one with 200."""
-    task, created = store.create(_json_body(), request.get_header("Idempotency-Key"))
+# Each handler takes the store, the route's parsed query or body, and the URL's task id.
+
+def _create_task(store: TaskStore, fields: dict) -> dict:
+    """Create a task; a repeated Idempotency-Key returns the first one (200)."""
+    task, created = store.create(fields, request.get_header(IDEMPOTENCY_HEADER.name))
     if created:
         response.status = 201
         response.set_header("Location", f"/api/v1/tasks/{task.id}")
     return task.to_dict()
 
 
-def _claim_task(store: TaskStore) -> dict | None:
-    """Claim the next task of a directory for a worker; null when none waits."""
-    task = store.claim(**_query(CLAIM_QUERY))
+def _claim_task(store: TaskStore, fields: dict) -> dict | None:
+    """Claim the next waiting task of a directory; null when none waits."""
+    task = store.claim(**fields)
     return None if task is None else task.to_dict()
 
 
-def _complete_task(store: TaskStore, task_id: str) -> dict:
+def _complete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Report a held task done."""
-    return store.complete(task_id, _json_body()).to_dict()
+    return store.complete(task_id, fields).to_dict()
 
 
-def _fail_task(store: TaskStore, task_id: str) -> dict:
-    """Report a held task failed."""
-    return store.fail(task_id, _json_body()).to_dict()
+def _fail_task(store: TaskStore, fields: dict, task_id: str) -> dict:
+    """Report a held task failed; it is queued again while retries are left."""
+    return store.fail(task_id, fields).to_dict()
 
 
-def _heartbeat_task(store: TaskStore, task_id: str) -> dict:
+def _heartbeat_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Extend the lease on a held task."""
-    return store.heartbeat(task_id, _json_body()).to_dict()
+    return store.heartbeat(task_id, fields).to_dict()
 
 
-def _cancel_task(store: TaskStore, task_id: str) -> dict:
+def _cancel_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Cancel a waiting or working task."""
-    return store.cancel(task_id, _json_body()).to_dict()
+    return store.cancel(task_id, fields).to_dict()
 
 
-def _retry_task(store: TaskStore, task_id: str) -> dict:
+def _retry_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Queue a failed task again."""
-    TASK_RETRY.clean(_json_body())
-    return store.retry(task_id).to_dict()
+    return store.retry(task_id, fields).to_dict()
 
 
-def _get_task(store: TaskStore, task_id: str) -> dict:
+def _get_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Read one task."""
     return store.get(task_id).to_dict()
 
 
-def _update_task(store: TaskStore, task_id: str) -> dict:
+def _update_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Change a waiting task."""
-    return store.update(task_id, _json_body()).to_dict()
+    return store.update(task_id, fields).to_dict()
 
 
-def _delete_task(store: TaskStore, task_id: str) -> dict:
-    """Delete a task."""
+def _delete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
+    """Delete a task in any state."""
     store.delete(task_id)
     return {"id": task_id, "deleted": True}
 
 
-def _list_tasks(store: TaskStore) -> dict:
-    """A page of tasks, newest first."""
-    page = store.list(_query(LIST_QUERY))
+def _list_tasks(store: TaskStore, fields: dict) -> dict:
+    """List tasks, newest first."""
+    page = store.list(fields)
     return {**page, "tasks": [task.to_dict() for task in page["tasks"]]}
 
 
-def _statistics(store: TaskStore) -> dict:
-    """Counts, rates and totals."""
+def _statistics(store: TaskStore, fields: dict) -> dict:
+    """Counts by status, success rate, retries and durations."""
     return store.statistics()
 
 
-def _health(store: TaskStore) -> dict:
-    """Liveness, version, uptime and queue depth; public."""
+def _health(store: TaskStore, fields: dict) -> dict:
+    """Liveness, version, uptime and queue depth."""
+    response.set_header("Access-Control-Allow-Origin", "*")  # public, read-only
     stats = store.statistics()
     return {
         "status": "healthy",
@@ -1617,20 +1661,61 @@ def _health(store: TaskStore) -> dict:
     }
 
 
-_ROUTES: tuple[tuple[str, str, Callable[..., object]], ...] = (
-    ("POST", "/api/v1/tasks", _create_task),
-    ("GET", "/api/v1/tasks", _list_tasks),
-    ("GET", "/api/v1/tasks/next", _claim_task),
-    ("GET", "/api/v1/tasks/<task_id>", _get_task),
-    ("PATCH", "/api/v1/tasks/<task_id>", _update_task),
-    ("DELETE", "/api/v1/tasks/<task_id>", _delete_task),
-    ("POST", "/api/v1/tasks/<task_id>/complete", _complete_task),
-    ("POST", "/api/v1/tasks/<task_id>/fail", _fail_task),
-    ("POST", "/api/v1/tasks/<task_id>/heartbeat", _heartbeat_task),
-    ("POST", "/api/v1/tasks/<task_id>/cancel", _cancel_task),
-    ("POST", "/api/v1/tasks/<task_id>/retry", _retry_task),
-    ("GET", "/api/v1/statistics", _statistics),
-    ("GET", "/health", _health),
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One REST route, and what the OpenAPI document says of it."""
+
+    method: str
+    path: str
+    handler: Callable[..., object]  #: its docstring's first line is the route's summary
+    data: dict  #: JSON Schema of the envelope's data on success
+    body: Schema | None = None
+    query: Schema | None = None
+    status: int = 200
+    conflicts: bool = False  #: whether the task's state can refuse it (409)
+    header: Field | None = None  #: a request header it reads
+
+
+def _bottle_rule(path: str) -> str:
+    """A route's path in Bottle's syntax: the task id matches only a UUID."""
+    return path.replace("{task_id}", f"<task_id:re:{TASK_ID.pattern.strip('^$')}>")
+
+
+def _call_route(route: _Route, store: TaskStore, **url_args: str) -> object:
+    """Parse what the route declares (its query, or its JSON body), then run its handler."""
+    if route.query is not None:
+        fields = _query(route.query)
+    elif route.body is not None:
+        fields = _json_body()
+    else:
+        fields = {}
+    return route.handler(store, fields, **url_args)
+
+
+_TASK_REF = {"$ref": "#/components/schemas/Task"}
+_ROUTES = (
+    _Route("POST", "/api/v1/tasks", _create_task, _TASK_REF, body=TASK_CREATE, status=201,
+           conflicts=True, header=IDEMPOTENCY_HEADER),
+    _Route("GET", "/api/v1/tasks", _list_tasks, {"$ref": "#/components/schemas/TaskPage"},
+           query=LIST_QUERY),
+    _Route("GET", "/api/v1/tasks/next", _claim_task, _nullable(_TASK_REF), query=CLAIM_QUERY),
+    _Route("GET", "/api/v1/tasks/{task_id}", _get_task, _TASK_REF),
+    _Route("PATCH", "/api/v1/tasks/{task_id}", _update_task, _TASK_REF, body=TASK_UPDATE,
+           conflicts=True),
+    _Route("DELETE", "/api/v1/tasks/{task_id}", _delete_task,
+           {"$ref": "#/components/schemas/Deleted"}),
+    _Route("POST", "/api/v1/tasks/{task_id}/complete", _complete_task, _TASK_REF,
+           body=TASK_COMPLETE, conflicts=True),
+    _Route("POST", "/api/v1/tasks/{task_id}/fail", _fail_task, _TASK_REF, body=TASK_FAIL,
+           conflicts=True),
+    _Route("POST", "/api/v1/tasks/{task_id}/heartbeat", _heartbeat_task, _TASK_REF,
+           body=TASK_HEARTBEAT, conflicts=True),
+    _Route("POST", "/api/v1/tasks/{task_id}/cancel", _cancel_task, _TASK_REF, body=TASK_CANCEL,
+           conflicts=True),
+    _Route("POST", "/api/v1/tasks/{task_id}/retry", _retry_task, _TASK_REF, body=TASK_RETRY,
+           conflicts=True),
+    _Route("GET", "/api/v1/statistics", _statistics, {"$ref": "#/components/schemas/Statistics"}),
+    _Route("GET", "/health", _health, {"$ref": "#/components/schemas/Health"}),
 )
 
 
@@ -1688,8 +1773,6 @@ class _RpcError(Exception):
         self.status = status
 
 
-TASK_ID = Field("task_id", "string", required=True, min_length=1, max_length=100,
-                description="The task's id.")
 _ACQUIRED_SCHEMA = {
     "type": "object",
     "properties": {"task": _nullable(_TASK_SCHEMA)},
@@ -1796,7 +1879,7 @@ _TOOLS = {tool.name: tool for tool in (
           _DESTRUCTIVE),
     _Tool("retry_task", "Retry a failed task",
           "Queue a failed task again, even past its max_retries.",
-          _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _on_task("retry", False),
+          _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _on_task("retry"),
           _ADDITIVE),
     _Tool("get_task", "Get a task", "Read one task by id.",
           _with_task_id("get_task", TASK_RETRY), _TASK_SCHEMA, _on_task("get", False),
@@ -1859,8 +1942,8 @@ def _rpc_message() -> dict:
         raise _RpcError(INVALID_REQUEST, 'expected a JSON-RPC 2.0 request: '
                         '{"jsonrpc": "2.0", "id": ..., "method": ...}', status=400)
     request_id = message.get("id", 0)
-    if isinstance(request_id, bool) or not isinstance(request_id, (str, int, float)):
-        raise _RpcError(INVALID_REQUEST, "id must be a string or a number", status=400)
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise _RpcError(INVALID_REQUEST, "id must be a string or an integer", status=400)
     if not isinstance(message.get("params", {}), dict):
         raise _RpcError(INVALID_REQUEST, "params must be an object", status=400)
     return message
@@ -1972,6 +2055,13 @@ def _rpc_error(request_id: object, error: _RpcError, modern: bool) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "error": body}
 
 
+def _render_document(document: bytes) -> bytes:
+    """A public JSON document, readable from any origin."""
+    response.content_type = "application/json"
+    response.set_header("Access-Control-Allow-Origin", "*")
+    return document
+
+
 def _render_rpc(message: dict | None) -> bytes:
     """A JSON-RPC response as the body; nothing for a notification."""
     if message is None:
@@ -1992,6 +2082,210 @@ def _render_rpc_refusal(error: OrchestratorError) -> bytes:
 
 
 # ---------------------------------------------------------------------------
+# The OpenAPI document: generated from the routes and the declarations, so it
+# says exactly what validation enforces and what every response carries.
+# ---------------------------------------------------------------------------
+
+def _openapi_document() -> dict:
+    """The OpenAPI 3.1 document of the whole HTTP API."""
+    paths: dict[str, dict] = {}
+    for route in _ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    paths["/mcp"] = {"post": _mcp_operation()}
+    paths["/openapi.json"] = {"get": {
+        "operationId": "openapi",
+        "summary": "This document.",
+        "responses": {
+            "200": {"description": "The OpenAPI document.", "headers": _PUBLIC_HEADERS,
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
+            **_error_responses([400, 405, 413, 500]),
+        },
+    }}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Simple Task Orchestrator",
+            "version": __version__,
+            "description": "A work queue of prompts for AI coding agents: clients create tasks, "
+                           "workers claim them under a lease and report the result. The store "
+                           "lives in memory: a restart loses every task.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Task": _TASK_SCHEMA, "TaskPage": _PAGE_SCHEMA, "Statistics": _STATISTICS_SCHEMA,
+                "Health": _HEALTH_SCHEMA, "Deleted": _DELETED_SCHEMA,
+                "ErrorEnvelope": _error_envelope_schema(),
+                **{route.body.name: route.body.json_schema() for route in _ROUTES if route.body},
+            },
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "Enforced only when the server has APP_SECURITY_API_KEY set.",
+            }},
+        },
+    }
+
+
+_OPTIONAL_BEARER = [{"bearerAuth": []}, {}]  # a key is needed only when one is configured
+_PUBLIC_HEADERS = {"Access-Control-Allow-Origin": {"schema": {"const": "*"}}}
+_RATE_HEADERS = {
+    "X-RateLimit-Limit": {"description": "Requests allowed per minute.",
+                          "schema": {"type": "integer"}},
+    "X-RateLimit-Remaining": {"description": "Requests left in the window.",
+                              "schema": {"type": "integer"}},
+}
+
+
+def _operation(route: _Route) -> dict:
+    """One REST route as an OpenAPI operation."""
+    guarded = route.path.startswith("/api/")
+    statuses = {400, 405, 413, 500}
+    statuses |= {401, 403, 429} if guarded else set()
+    statuses |= {415} if route.body is not None else set()
+    statuses |= {404} if "{task_id}" in route.path else set()
+    statuses |= {409} if route.conflicts else set()
+    success = {
+        "description": "Success.",
+        "headers": _RATE_HEADERS if guarded else _PUBLIC_HEADERS,
+        "content": {"application/json": {"schema": _success_envelope_schema(route.data)}},
+    }
+    responses = {str(route.status): success}
+    if route.status == 201:
+        responses["201"] = {**success, "description": "Created.", "links": _task_links(),
+                            "headers": {**_RATE_HEADERS,
+                                        "Location": {"required": True, "schema": {"type": "string"}}}}
+        responses["200"] = {**success, "description": "Seen before: the first task."}
+    operation = {
+        "operationId": route.handler.__name__.lstrip("_"),
+        "summary": route.handler.__doc__.splitlines()[0],
+        "parameters": _parameters(route),
+        "responses": {**responses, **_error_responses(sorted(statuses))},
+    }
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": any(f.required for f in route.body.fields) or route.body.min_fields > 0,
+            "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{route.body.name}"}}},
+        }
+    if guarded:
+        operation["security"] = _OPTIONAL_BEARER
+    return operation
+
+
+def _task_links() -> dict:
+    """Links from a created task to every operation on it, for clients and fuzzers."""
+    return {
+        route.handler.__name__.lstrip("_"): {
+            "operationId": route.handler.__name__.lstrip("_"),
+            "parameters": {"task_id": "$response.body#/data/id"},
+        }
+        for route in _ROUTES if "{task_id}" in route.path
+    }
+
+
+def _parameters(route: _Route) -> list[dict]:
+    """The route's path, query and header parameters, from their declarations."""
+    parameters = []
+    if "{task_id}" in route.path:
+        parameters.append({"name": "task_id", "in": "path", "required": True,
+                           "description": TASK_ID.description, "schema": TASK_ID.json_schema()})
+    declared = [("query", f) for f in route.query.fields] if route.query else []
+    declared += [("header", route.header)] if route.header else []
+    for where, declared_field in declared:
+        parameters.append({"name": declared_field.name, "in": where,
+                           "required": declared_field.required,
+                           "description": declared_field.description,
+                           "schema": declared_field.json_schema()})
+    return parameters
+
+
+def _success_envelope_schema(data: dict) -> dict:
+    """The envelope of a success carrying `data`."""
+    return {
+        "type": "object",
+        "properties": {"success": {"const": True}, "data": data, "error": {"type": "null"},
+                       "timestamp": _TIMESTAMP},
+        "required": ["success", "data", "error", "timestamp"],
+        "additionalProperties": False,
+    }
+
+
+def _error_envelope_schema() -> dict:
+    """The envelope of every error."""
+    codes = sorted({OrchestratorError.code} | {c.code for c in OrchestratorError.__subclasses__()})
+    error = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "enum": codes}, "message": {"type": "string"},
+                       "details": {"type": "object"}},
+        "required": ["code", "message", "details"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"success": {"const": False}, "data": {"type": "null"}, "error": error,
+                       "timestamp": _TIMESTAMP},
+        "required": ["success", "data", "error", "timestamp"],
+        "additionalProperties": False,
+    }
+
+
+def _error_responses(statuses: list[int]) -> dict:
+    """The error responses for these statuses, described by their error classes."""
+    classes = {c.status: c for c in OrchestratorError.__subclasses__() if c.status != 500}
+    headers = {
+        401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+        405: {"Allow": {"required": True, "schema": {"type": "string"}}},
+        429: {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
+              **_RATE_HEADERS},
+    }
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+    responses = {}
+    for status in statuses:
+        described = classes[status].__doc__ if status in classes else (
+            "Something unexpected; the details are in the server's log.")
+        responses[str(status)] = {"description": described, "content": dict(envelope),
+                                  "headers": headers.get(status, {})}
+    if 413 in statuses:  # waitress refuses a larger body itself, in plain text
+        responses["413"]["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return responses
+
+
+def _mcp_operation() -> dict:
+    """POST /mcp, described but not modelled: its bodies are JSON-RPC 2.0 (see the MCP spec)."""
+    request_schema = {
+        "type": "object",
+        "description": "One JSON-RPC 2.0 request or notification.",
+        "properties": {"jsonrpc": {"const": "2.0"}, "id": {"type": ["string", "integer"]},
+                       "method": {"type": "string"}, "params": {"type": "object"}},
+        "required": ["jsonrpc", "method"],
+    }
+    answer = {"application/json": {"schema": {
+        "type": "object", "description": "A JSON-RPC 2.0 response."}}}
+    described = {
+        "200": "The JSON-RPC response (errors too, for a well-formed request in the "
+               "handshake revisions).",
+        "400": "A JSON-RPC error: parse error, batch, invalid request, or (2026-07-28) "
+               "invalid params, header mismatch or unsupported version.",
+        "401": Unauthorized.__doc__, "403": Forbidden.__doc__,
+        "404": "2026-07-28: no such method (JSON-RPC -32601).",
+        "413": PayloadTooLarge.__doc__, "415": UnsupportedMediaType.__doc__,
+        "500": "Something unexpected; the details are in the server's log.",
+    }
+    responses = {status: {"description": text, "content": answer}
+                 for status, text in described.items()}
+    responses["202"] = {"description": "A notification was accepted."}
+    responses["405"] = _error_responses([405])["405"]
+    return {
+        "operationId": "mcp",
+        "summary": "The MCP endpoint: the task tools over JSON-RPC (Streamable HTTP, stateless).",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": request_schema}}},
+        "responses": responses,
+        "security": _OPTIONAL_BEARER,
+    }
+
+
+# ---------------------------------------------------------------------------
 # Serving and the command line
 # ---------------------------------------------------------------------------
 
@@ -2007,8 +2301,12 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
         store = TaskStore(config.max_retries, config.task_timeout, config.retention)
     gate = _Gate(config)
     app = bottle.Bottle()
-    for method, path, handler in _ROUTES:
-        app.route(path, method, functools.partial(_serve, gate, functools.partial(handler, store)))
+    for route in _ROUTES:
+        handler = functools.partial(_call_route, route, store)
+        app.route(_bottle_rule(route.path), route.method, functools.partial(_serve, gate, handler))
+    document = json.dumps(_openapi_document()).encode()
+    app.route("/openapi.json", "GET",
+              functools.partial(_serve, gate, lambda: document, _render_document))
     mcp = functools.partial(_answer_mcp, store, gate)
     app.route("/mcp", "POST", functools.partial(_serve, gate, mcp, _render_rpc, _render_rpc_refusal))
     app.default_error_handler = functools.partial(_serve_routing_error, gate)

@@ -163,6 +163,10 @@ def test_prompt_is_stored_verbatim(make_task):
     assert make_task(prompt=prompt)["prompt"] == prompt
 
 
+def test_an_integral_number_counts_as_an_integer(make_task):
+    assert make_task(max_retries=3.0)["max_retries"] == 3
+
+
 def test_limits_themselves_are_accepted(make_task):
     deep = {}
     for _ in range(31):
@@ -213,6 +217,7 @@ def nested(levels):
     ("max_retries", 101, "max_retries: must be at most 100"),
     ("max_retries", 10**30, "max_retries: must be at most 100"),
     ("max_retries", 1.5, "max_retries: must be an integer"),
+    ("max_retries", 1e300, "max_retries: must be at most 100"),
     ("max_retries", True, "max_retries: must be an integer"),
     ("max_retries", "3", "max_retries: must be an integer"),
 ])
@@ -646,7 +651,7 @@ def test_update_of_a_task_that_is_not_waiting_conflicts(client, make_task, claim
 
 
 @pytest.mark.parametrize("body, message", [
-    ({}, "nothing to update"),
+    ({}, "send at least 1 of: work_directory, prompt"),
     ({"status": "completed"}, "unknown fields: status"),
     ({"id": "x"}, "unknown fields: id"),
     ({"prompt": ""}, "prompt: must be at least 1 characters"),
@@ -862,8 +867,10 @@ def test_unknown_route_is_a_404_envelope(client):
 
 @pytest.mark.parametrize("method, path, allow", [
     ("DELETE", "/api/v1/tasks", "GET,POST"),
-    ("PUT", "/api/v1/tasks/abc", "DELETE,GET,PATCH"),
-    ("GET", "/api/v1/tasks/abc/complete", "POST"),
+    ("PUT", f"/api/v1/tasks/{uuid.uuid4()}", "DELETE,GET,PATCH"),
+    ("GET", f"/api/v1/tasks/{uuid.uuid4()}/complete", "POST"),
+    ("DELETE", "/api/v1/tasks/next", "GET"),  # "next" is not a task id
+    ("OPTIONS", "/api/v1/tasks/next", "GET"),
     ("POST", "/health", "GET"),
 ])
 def test_wrong_method_is_a_405_with_allow(client, method, path, allow):
@@ -1321,10 +1328,15 @@ def test_concurrent_claims_deliver_each_task_exactly_once(live_url, live_store):
 # A small JSON Schema checker: the subset the service's schemas use
 # ---------------------------------------------------------------------------
 
-def schema_errors(schema, value, path="$"):
-    """Every way value breaks schema, as readable strings (empty when it conforms)."""
+def schema_errors(schema, value, path="$", root=None):
+    """Every way value breaks schema, as readable strings (empty when it conforms).
+
+    `root` is the document that $refs point into.
+    """
+    if "$ref" in schema:
+        return schema_errors(resolve(root, schema["$ref"]), value, path, root)
     if "anyOf" in schema:
-        if all(schema_errors(option, value, path) for option in schema["anyOf"]):
+        if all(schema_errors(option, value, path, root) for option in schema["anyOf"]):
             return [f"{path}: matches no anyOf option"]
         return []
     if "const" in schema and value != schema["const"]:
@@ -1349,7 +1361,7 @@ def schema_errors(schema, value, path="$"):
         if len(value) > schema.get("maxItems", 1e18):
             errors.append(f"{path}: too many items")
         for index, item in enumerate(value):
-            errors += schema_errors(schema.get("items", {}), item, f"{path}[{index}]")
+            errors += schema_errors(schema.get("items", {}), item, f"{path}[{index}]", root)
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         errors += [f"{path}: missing {name}" for name in schema.get("required", [])
@@ -1358,8 +1370,17 @@ def schema_errors(schema, value, path="$"):
             errors += [f"{path}: unexpected {name}" for name in value if name not in properties]
         for name, item in value.items():
             if name in properties:
-                errors += schema_errors(properties[name], item, f"{path}.{name}")
+                errors += schema_errors(properties[name], item, f"{path}.{name}", root)
     return errors
+
+
+def resolve(root, ref):
+    """The schema a local $ref such as #/components/schemas/Task points at."""
+    assert ref.startswith("#/"), ref
+    target = root
+    for part in ref[2:].split("/"):
+        target = target[part]
+    return target
 
 
 def json_type_matches(name, value):
@@ -1429,6 +1450,7 @@ def call_tool(rpc):
 
 
 HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
+MISSING_ID = str(uuid.uuid4())
 TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
               "cancel_task", "retry_task", "get_task", "update_task", "delete_task", "list_tasks",
               "get_statistics"]
@@ -1568,6 +1590,7 @@ def test_an_unknown_tool_is_32602(rpc, version, status):
     (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', -32600),
     (b'{"jsonrpc": "2.0", "id": true, "method": "ping"}', -32600),
     (b'{"jsonrpc": "2.0", "id": {}, "method": "ping"}', -32600),
+    (b'{"jsonrpc": "2.0", "id": 2.5, "method": "ping"}', -32600),
     (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": []}', -32600),
     (b"null", -32600),
     (b"", -32600),
@@ -1651,14 +1674,14 @@ def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
 
 
 @pytest.mark.parametrize("name, arguments, code", [
-    ("get_task", {"task_id": "missing"}, "NOT_FOUND"),
-    ("complete_task", {"task_id": "missing"}, "NOT_FOUND"),
-    ("fail_task", {"task_id": "missing", "error": "x"}, "NOT_FOUND"),
-    ("heartbeat_task", {"task_id": "missing", "worker_id": "w"}, "NOT_FOUND"),
-    ("cancel_task", {"task_id": "missing"}, "NOT_FOUND"),
-    ("retry_task", {"task_id": "missing"}, "NOT_FOUND"),
-    ("update_task", {"task_id": "missing", "prompt": "x"}, "NOT_FOUND"),
-    ("delete_task", {"task_id": "missing"}, "NOT_FOUND"),
+    ("get_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
+    ("complete_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
+    ("fail_task", {"task_id": MISSING_ID, "error": "x"}, "NOT_FOUND"),
+    ("heartbeat_task", {"task_id": MISSING_ID, "worker_id": "w"}, "NOT_FOUND"),
+    ("cancel_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
+    ("retry_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
+    ("update_task", {"task_id": MISSING_ID, "prompt": "x"}, "NOT_FOUND"),
+    ("delete_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
     ("complete_task", {"task_id": "WAITING"}, "CONFLICT"),
     ("fail_task", {"task_id": "WAITING", "error": "x"}, "CONFLICT"),
     ("heartbeat_task", {"task_id": "WAITING", "worker_id": "w"}, "CONFLICT"),
@@ -1835,3 +1858,191 @@ def test_mcp_stdio_sends_the_token(store):
     assert json.loads(refused[0])["error"]["data"]["code"] == "UNAUTHORIZED"
     assert json.loads(refused[0])["id"] == 1
     assert json.loads(accepted[0])["result"] == {}
+
+
+# ---------------------------------------------------------------------------
+# The OpenAPI document
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def document(client):
+    return client.get("/openapi.json").json
+
+
+def operations(document):
+    """(METHOD, path) of every documented operation."""
+    return {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+
+
+def test_the_document_is_openapi_3_1_in_shape(document):
+    assert document["openapi"] == "3.1.0"
+    assert document["info"]["title"] == "Simple Task Orchestrator"
+    assert document["info"]["version"] == orchestrator.__version__
+    assert "in memory" in document["info"]["description"]
+    ids = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert method in {"get", "post", "patch", "delete"}
+            assert operation["summary"] and "\n" not in operation["summary"]
+            assert operation["responses"], (method, path)
+            ids.append(operation["operationId"])
+    assert len(ids) == len(set(ids))
+
+
+def test_the_document_lists_every_route_the_app_has(app, document):
+    rule = re.compile(r"<task_id:re:[^>]+>")
+    routes = {(route.method, rule.sub("{task_id}", route.rule)) for route in app.routes}
+    assert routes == operations(document)
+    assert ("POST", "/mcp") in routes and ("GET", "/openapi.json") in routes
+
+
+def test_every_ref_in_the_document_resolves(document):
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+    found = list(refs(document))
+    assert len(found) > 20
+    for ref in found:
+        assert isinstance(resolve(document, ref), dict), ref
+
+
+def test_parameters_and_bodies_say_what_validation_enforces(document):
+    listing = {p["name"]: p for p in document["paths"]["/api/v1/tasks"]["get"]["parameters"]}
+    assert listing["limit"]["schema"]["minimum"] == 1
+    assert listing["limit"]["schema"]["maximum"] == 1000
+    assert listing["offset"]["schema"]["minimum"] == 0
+    assert listing["status"]["schema"]["enum"] == list(orchestrator.STATUSES)
+    assert re.fullmatch(listing["priority"]["schema"]["pattern"], "HiGh")
+    claim_parameters = document["paths"]["/api/v1/tasks/next"]["get"]["parameters"]
+    assert {p["name"]: p["required"] for p in claim_parameters} == {
+        "work_path": True, "worker_id": True}
+    create = document["paths"]["/api/v1/tasks"]["post"]
+    assert create["requestBody"]["required"] is True
+    body = document["components"]["schemas"]["TaskCreate"]
+    assert body == orchestrator.TASK_CREATE.json_schema()
+    assert body["additionalProperties"] is False and body["required"] == ["work_directory",
+                                                                           "prompt"]
+    assert body["properties"]["tags"]["maxItems"] == 20
+    assert body["properties"]["prompt"]["maxLength"] == 100_000
+    assert document["components"]["schemas"]["TaskUpdate"]["minProperties"] == 1
+    header = create["parameters"][0]
+    assert (header["name"], header["in"], header["schema"]["maxLength"]) == (
+        "Idempotency-Key", "header", 200)
+    assert document["paths"]["/api/v1/tasks/{task_id}/cancel"]["post"]["requestBody"][
+        "required"] is False
+
+
+@pytest.mark.parametrize("method, path, present, absent", [
+    ("post", "/api/v1/tasks", {"201", "200", "400", "401", "403", "409", "413", "415", "429",
+                               "500"}, {"404"}),
+    ("get", "/api/v1/tasks/{task_id}", {"404", "401", "429"}, {"409", "415"}),
+    ("post", "/api/v1/tasks/{task_id}/complete", {"404", "409", "415"}, set()),
+    ("get", "/health", {"200", "500"}, {"401", "403", "429"}),
+    ("post", "/mcp", {"200", "202", "400", "401", "403", "405", "413", "415"}, set()),
+])
+def test_each_operation_documents_the_statuses_it_can_answer(document, method, path, present,
+                                                             absent):
+    statuses = set(document["paths"][path][method]["responses"])
+    assert present <= statuses and not absent & statuses
+
+
+def test_the_bearer_scheme_covers_the_api_and_mcp_only(document):
+    scheme = document["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert "only when" in scheme["description"]
+    for method, path in operations(document):
+        secured = "security" in document["paths"][path][method.lower()]
+        assert secured == (path.startswith("/api/") or path == "/mcp"), path
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/health"])
+def test_the_document_and_health_are_public_to_any_origin(store, path):
+    client = webtest.TestApp(create_app(Config(rate_limit=1, api_key="s3cret"), store))
+    for _ in range(3):
+        res = client.get(path, headers={"Origin": "https://swagger.example"}, status=200)
+        assert res.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def conforms(document, res, method, template):
+    """Assert that a real response is one the document declares."""
+    operation = document["paths"][template][method.lower()]
+    declared = operation["responses"].get(str(res.status_int))
+    assert declared, f"{method} {template} answered an undocumented {res.status_int}"
+    for name, header in declared.get("headers", {}).items():
+        assert not header.get("required") or name in res.headers, (template, name)
+    if "content" not in declared:
+        assert res.body == b""
+        return
+    assert res.content_type in declared["content"], (template, res.content_type)
+    schema = declared["content"][res.content_type]["schema"]
+    assert schema_errors(schema, res.json, root=document) == [], (method, template, res.json)
+
+
+def test_real_responses_conform_to_the_document(store, clock):
+    config = Config(rate_limit=40, api_key="k", max_body=5000)
+    client = webtest.TestApp(create_app(config, store))
+    document = client.get("/openapi.json").json
+    auth = {"Authorization": "Bearer k"}
+
+    def send(method, url, template, body=None, headers=None, **kwargs):
+        kwargs.setdefault("content_type", "application/json")
+        res = client.request(url, method=method, expect_errors=True,
+                             headers={**auth, **(headers or {})},
+                             body=json.dumps(body).encode() if body is not None else b"",
+                             **kwargs)
+        conforms(document, res, method, template)
+        return res
+
+    new = {"work_directory": "/r", "prompt": "p", "tags": ["a"], "metadata": {"k": [1]}}
+    task = send("POST", "/api/v1/tasks", "/api/v1/tasks", new,
+                headers={"Idempotency-Key": "k1"}).json["data"]
+    assert send("POST", "/api/v1/tasks", "/api/v1/tasks", new,
+                headers={"Idempotency-Key": "k1"}).status_int == 200
+    one = "/api/v1/tasks/{task_id}"
+    steps = [
+        ("GET", f"/api/v1/tasks/{task['id']}", one, None),
+        ("PATCH", f"/api/v1/tasks/{task['id']}", one, {"priority": "HIGH"}),
+        ("GET", "/api/v1/tasks/next?work_path=/r&worker_id=w", "/api/v1/tasks/next", None),
+        ("GET", "/api/v1/tasks/next?work_path=/r&worker_id=w", "/api/v1/tasks/next", None),
+        ("POST", f"/api/v1/tasks/{task['id']}/heartbeat", one + "/heartbeat",
+         {"worker_id": "w"}),
+        ("POST", f"/api/v1/tasks/{task['id']}/complete", one + "/complete",
+         {"result": {"status": "success", "output": "ok", "duration_ms": 3}}),
+        ("POST", f"/api/v1/tasks/{task['id']}/complete", one + "/complete", {}),  # 409
+        ("POST", f"/api/v1/tasks/{task['id']}/retry", one + "/retry", None),  # 409
+        ("GET", "/api/v1/tasks?status=completed&limit=5", "/api/v1/tasks", None),
+        ("GET", "/api/v1/tasks?limit=0", "/api/v1/tasks", None),  # 400
+        ("GET", "/api/v1/statistics", "/api/v1/statistics", None),
+        ("GET", "/health", "/health", None),
+        ("GET", "/api/v1/tasks/nope", one, None),  # 404
+        ("PUT", "/api/v1/tasks", "/api/v1/tasks", None),  # 405
+        ("POST", "/api/v1/tasks", "/api/v1/tasks", {"prompt": 1}),  # 400
+        ("POST", f"/api/v1/tasks/{task['id']}/cancel", one + "/cancel", {"reason": "done"}),
+        ("DELETE", f"/api/v1/tasks/{task['id']}", one, None),
+    ]
+    for method, url, template, body in steps:
+        if method == "PUT":
+            res = client.request(url, method="PUT", expect_errors=True, headers=auth)
+            assert res.status_int == 405
+            conforms(document, res, "POST", template)  # documented on the path's operations
+            continue
+        send(method, url, template, body)
+    send("POST", "/api/v1/tasks", "/api/v1/tasks", new, content_type="text/plain")  # 415
+    send("POST", "/api/v1/tasks", "/api/v1/tasks", {**new, "prompt": "p" * 6000})  # 413
+    send("GET", "/api/v1/statistics", "/api/v1/statistics", headers={"Authorization": ""})  # 401
+    send("GET", "/api/v1/statistics", "/api/v1/statistics",
+         headers={"Origin": "http://evil.example"})  # 403
+    for _ in range(40):
+        last = send("GET", "/api/v1/statistics", "/api/v1/statistics")
+    assert last.status_int == 429
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+           "params": {"name": "get_statistics", "arguments": {}}}
+    send("POST", "/mcp", "/mcp", rpc)
+    send("POST", "/mcp", "/mcp", {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    send("POST", "/mcp", "/mcp", [rpc])  # 400
+    conforms(document, client.get("/openapi.json"), "GET", "/openapi.json")
