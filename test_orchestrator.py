@@ -286,7 +286,7 @@ def test_idempotency_key_with_a_different_body_conflicts(client, store):
     assert store.statistics()["total_tasks"] == 1
 
 
-@pytest.mark.parametrize("key", ["", "k" * 201])
+@pytest.mark.parametrize("key", ["", "k" * 201, "caf\u00e9", "tab\tinside"])
 def test_idempotency_key_length_is_checked(client, store, key):
     res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "a"},
                            headers={"Idempotency-Key": key}, status=400)
