@@ -1474,7 +1474,7 @@ class _Gate:
 
     def _check_origin(self) -> None:
         """A browser page from a foreign origin must not reach the queue."""
-        origin = request.get_header("Origin")
+        origin = _header("Origin")
         if origin is None:
             return
         own = _origin_key(f"{request.environ['wsgi.url_scheme']}://{_host_header()}")
@@ -1495,7 +1495,7 @@ class _Gate:
         """When a key is configured, require it as a bearer token (compared in constant time)."""
         if self.api_key is None:
             return
-        scheme, _, token = (request.get_header("Authorization") or "").partition(" ")
+        scheme, _, token = (_header("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self.api_key.encode()
         ):
@@ -1511,6 +1511,14 @@ class _Gate:
                 f"request body is {declared} bytes; the limit is {self.max_body}",
                 limit=self.max_body,
             )
+
+
+def _header(name: str) -> str | None:
+    """A request header as sent (Latin-1, per WSGI); None when absent.
+
+    Bottle's own accessor decodes values as UTF-8 and raises on other bytes.
+    """
+    return request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
 def _host_header() -> str:
@@ -1580,7 +1588,7 @@ def _query(schema: Schema) -> dict:
 
 def _create_task(store: TaskStore, fields: dict) -> dict:
     """Create a task; a repeated Idempotency-Key returns the first one (200)."""
-    task, created = store.create(fields, request.get_header(IDEMPOTENCY_HEADER.name))
+    task, created = store.create(fields, _header(IDEMPOTENCY_HEADER.name))
     if created:
         response.status = 201
         response.set_header("Location", f"/api/v1/tasks/{task.id}")
@@ -1905,7 +1913,7 @@ _TOOL_DEFINITIONS = [tool.definition() for tool in _TOOLS.values()]
 
 def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
     """Answer the one JSON-RPC message of a POST /mcp; None for a notification (202)."""
-    version = request.get_header("MCP-Protocol-Version") or "2025-03-26"
+    version = _header("MCP-Protocol-Version") or "2025-03-26"
     modern = version not in MCP_HANDSHAKE_VERSIONS
     request_id = None
     try:
@@ -1960,7 +1968,7 @@ def _check_modern_request(message: dict) -> None:
     if message["method"] == "tools/call" and "name" in params:
         mirrored.append(("Mcp-Name", params["name"]))
     for header, body_value in mirrored:
-        sent = _decode_header(request.get_header(header))
+        sent = _decode_header(_header(header))
         if sent != body_value:
             raise _RpcError(HEADER_MISMATCH, f"Header mismatch: {header} header value {sent!r} "
                             f"does not match body value {body_value!r}", status=400)

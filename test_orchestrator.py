@@ -1104,6 +1104,15 @@ def test_a_bad_setting_names_the_variable_and_what_it_accepts(variable, value, a
     assert str(caught.value).startswith(f"{variable} must be {accepts}")
 
 
+@pytest.mark.parametrize("header", ["Origin", "Authorization", "Idempotency-Key",
+                                    "MCP-Protocol-Version", "Mcp-Method"])
+def test_a_header_that_is_not_utf8_is_never_a_500(client, header):
+    for path in ("/api/v1/tasks", "/mcp"):
+        res = client.post(path, b"{}", content_type="application/json", expect_errors=True,
+                          extra_environ={"HTTP_" + header.upper().replace("-", "_"): "\xe9t\xe9"})
+        assert res.status_int < 500, (path, res.status_int)
+
+
 def test_the_api_key_never_shows_in_the_config_repr():
     assert "s3cret" not in repr(Config(api_key="s3cret"))
 
