@@ -594,6 +594,8 @@ CLAIM_QUERY = Schema("ClaimQuery", (
     dataclasses.replace(WORK_DIRECTORY, name="work_path",
                         description="The absolute directory to claim a task for."),
     dataclasses.replace(WORKER_ID, required=True),
+    Field("wait", "integer", minimum=0, maximum=20, default=0,
+          description="Seconds to wait for a task when none is waiting; 0 answers at once."),
 ))
 LIST_QUERY = Schema("ListQuery", (
     Field("status", "string", enum=STATUSES),
@@ -897,15 +899,21 @@ class TaskStore:
         task_timeout: float = 3600,
         retention: float = 604_800,
         clock: Callable[[], float] = time.time,
+        max_waiters: int = 6,
     ) -> None:
         self.max_retries = max_retries
         self.task_timeout = task_timeout
         self.retention = retention  #: seconds finished tasks are kept; 0 keeps them forever
         self._clock = clock
         self._started_at = clock()
+        self.max_waiters = max_waiters  #: claims that may wait at once; the rest answer at once
         #: The lock guards every attribute below. Under it: change state, nothing
         #: else. Logging and JSON encoding happen after it is released.
         self._lock = threading.Lock()
+        #: Notified, under the lock, whenever a task enters a queue; waiting claims sleep on it.
+        self._queue_changed = threading.Condition(self._lock)
+        self._waiters = 0
+        self._stopping = False
         self._tasks: dict[str, Task] = {}  # by id, in creation order
         self._by_status = {status: _SortedKeys() for status in STATUSES}  # (number, id)
         self._queues: dict[str, list[tuple]] = {}  # directory -> heap of (rank, seq, id)
@@ -951,14 +959,18 @@ class TaskStore:
             events.append(_event("created", task, prompt=_shorten(task.prompt)))
             return copy.copy(task), True
 
-    def claim(self, work_path: str, worker_id: str) -> Task | None:
+    def claim(self, work_path: str, worker_id: str, wait: float = 0) -> Task | None:
         """Hand the next waiting task of a directory to a worker, or None when none waits.
 
         Next means the highest priority, then the one that entered waiting first.
+        With `wait`, an empty directory is waited on for up to that many seconds,
+        unless max_waiters claims already wait (then it answers at once).
         """
-        query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id})
+        query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait})
         with self._transaction() as (now, events):
             task = self._pop_queue(query["work_path"])
+            if task is None and query["wait"] and self._waiters < self.max_waiters:
+                task, now = self._wait_for(query["work_path"], query["wait"], events)
             if task is None:
                 return None
             self._set_status(task, WORKING, now)
@@ -1027,6 +1039,12 @@ class TaskStore:
             self._requeue(task, now)
             events.append(_event("re-queued", task))
             return copy.copy(task)
+
+    def stop_waiting(self) -> None:
+        """Wake every waiting claim, and make later ones answer at once: for shutdown."""
+        with self._lock:
+            self._stopping = True
+            self._queue_changed.notify_all()
 
     def get(self, task_id: str) -> Task:
         """The task with that id."""
@@ -1141,6 +1159,33 @@ class TaskStore:
                     self._remove(task)
                     events.append(_event("dropped after retention", task))
 
+    def _wait_for(self, directory: str, seconds: float, events: list[dict]) -> tuple[Task | None, float]:
+        """Sleep until a task of the directory can be claimed or `seconds` pass (lock held).
+
+        Returns the task (or None) and the time it was taken. The wait itself is
+        measured in real seconds: it is how long a request is held, whatever clock
+        the store keeps. A lease that expires meanwhile ends a sleep, so that its
+        task is re-queued and claimed here.
+        """
+        give_up_at = time.monotonic() + seconds
+        self._waiters += 1
+        try:
+            while not self._stopping:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._leases:
+                    remaining = min(remaining, max(0.0, self._leases[0][0] - self._clock()))
+                self._queue_changed.wait(remaining)
+                now = self._clock()
+                self._settle(now, events)
+                task = self._pop_queue(directory)
+                if task is not None:
+                    return task, now
+            return None, self._clock()
+        finally:
+            self._waiters -= 1
+
     # -- transitions (lock held) ---------------------------------------------
 
     def _fail(self, task: Task, message: str, retry: bool, now: float, events: list[dict]) -> None:
@@ -1207,6 +1252,7 @@ class TaskStore:
         """Put a waiting task in its directory's queue at position `seq` of its priority."""
         task.queue_entry = (_PRIORITY_RANK[task.priority], seq, task.id)
         heapq.heappush(self._queues.setdefault(task.work_directory, []), task.queue_entry)
+        self._queue_changed.notify_all()
 
     def _unqueue(self, task: Task) -> None:
         """Take a waiting task out of its queue: its entry goes stale, to be skipped later."""
@@ -1836,7 +1882,7 @@ def _create_by_tool(store: TaskStore, arguments: dict) -> dict:
 
 def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
     """acquire_task: {"task": the claimed task, or null}."""
-    task = store.claim(arguments["work_path"], arguments["worker_id"])
+    task = store.claim(**arguments)
     return {"task": None if task is None else task.to_dict()}
 
 
@@ -2306,7 +2352,9 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     """
     config = config or Config()
     if store is None:
-        store = TaskStore(config.max_retries, config.task_timeout, config.retention)
+        # Long-poll claims hold a waitress thread each; two stay free for everything else.
+        store = TaskStore(config.max_retries, config.task_timeout, config.retention,
+                          max_waiters=max(0, config.threads - 2))
     gate = _Gate(config)
     app = bottle.Bottle()
     for route in _ROUTES:
@@ -2318,13 +2366,32 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     mcp = functools.partial(_answer_mcp, store, gate)
     app.route("/mcp", "POST", functools.partial(_serve, gate, mcp, _render_rpc, _render_rpc_refusal))
     app.default_error_handler = functools.partial(_serve_routing_error, gate)
+    app.install(_WakeWaitersOnClose(store))
     return app
+
+
+class _WakeWaitersOnClose:
+    """A Bottle plugin whose only job: closing the app (at shutdown) wakes waiting claims."""
+
+    api = 2
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+
+    def apply(self, callback: Callable, route: object) -> Callable:
+        """Routes are left as they are."""
+        return callback
+
+    def close(self) -> None:
+        """Bottle calls this from app.close()."""
+        self.store.stop_waiting()
 
 
 class _Server:
     """A waitress server that runs in the calling thread until stop() is called."""
 
     def __init__(self, app: bottle.Bottle, config: Config) -> None:
+        self._app = app
         self._map: dict = {}  # waitress's socket map, ours so that stop() can wake it
         self._wake = waitress.trigger.trigger(self._map)
         self._waitress = waitress.create_server(
@@ -2351,13 +2418,18 @@ class _Server:
             waitress.wasyncore.loop(
                 timeout=self._waitress.adj.asyncore_loop_timeout, map=self._map, count=1
             )
-        self._waitress.task_dispatcher.shutdown()
-        waitress.wasyncore.close_all(self._map)
+        self._finish()
 
     def stop(self) -> None:
         """Make run() return; safe from another thread or a signal handler."""
         self._stopping.set()
         self._wake.pull_trigger()
+
+    def _finish(self) -> None:
+        """Release long polls, let the requests in flight finish, close every socket."""
+        self._app.close()
+        self._waitress.task_dispatcher.shutdown()
+        waitress.wasyncore.close_all(self._map)
 
 
 @contextmanager

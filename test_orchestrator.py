@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import uuid
 import wsgiref.util
 from pathlib import Path
@@ -1929,7 +1931,9 @@ def test_parameters_and_bodies_say_what_validation_enforces(document):
     assert re.fullmatch(listing["priority"]["schema"]["pattern"], "HiGh")
     claim_parameters = document["paths"]["/api/v1/tasks/next"]["get"]["parameters"]
     assert {p["name"]: p["required"] for p in claim_parameters} == {
-        "work_path": True, "worker_id": True}
+        "work_path": True, "worker_id": True, "wait": False}
+    wait = next(p for p in claim_parameters if p["name"] == "wait")["schema"]
+    assert (wait["minimum"], wait["maximum"], wait["default"]) == (0, 20, 0)
     create = document["paths"]["/api/v1/tasks"]["post"]
     assert create["requestBody"]["required"] is True
     body = document["components"]["schemas"]["TaskCreate"]
@@ -2055,3 +2059,132 @@ def test_real_responses_conform_to_the_document(store, clock):
     send("POST", "/mcp", "/mcp", {"jsonrpc": "2.0", "method": "notifications/initialized"})
     send("POST", "/mcp", "/mcp", [rpc])  # 400
     conforms(document, client.get("/openapi.json"), "GET", "/openapi.json")
+
+
+# ---------------------------------------------------------------------------
+# Long-poll claims
+# ---------------------------------------------------------------------------
+
+class Background(threading.Thread):
+    """Run a call in a thread; .result once joined, and how long it took."""
+
+    def __init__(self, call, *args):
+        super().__init__(daemon=True)
+        self.call, self.args, self.result, self.error = call, args, None, None
+
+    def run(self):
+        started = time.monotonic()
+        try:
+            self.result = self.call(*self.args)
+        except Exception as error:  # reported by the test
+            self.error = error
+        self.seconds = time.monotonic() - started
+
+    def finish(self, timeout=10):
+        self.join(timeout)
+        assert not self.is_alive() and self.error is None, self.error
+        return self.result
+
+
+def wait_until(condition, timeout=5):
+    """Poll a condition in a test (never in the server) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return json.load(answer)
+
+
+def test_a_waiting_claim_is_woken_by_a_create(client, store):
+    waiter = Background(client.get, "/api/v1/tasks/next?work_path=/r&worker_id=w&wait=10")
+    waiter.start()
+    wait_until(lambda: store._waiters == 1)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    claimed = waiter.finish().json["data"]
+    assert claimed["id"] == task.id and claimed["worker_id"] == "w"
+    assert waiter.seconds < 5
+
+
+def test_a_wait_that_times_out_answers_null(client):
+    started = time.monotonic()
+    res = client.get("/api/v1/tasks/next?work_path=/r&worker_id=w&wait=1")
+    assert res.json["data"] is None and res.json["success"] is True
+    assert 0.9 < time.monotonic() - started < 5
+
+
+def test_a_task_for_another_directory_does_not_end_the_wait(client, store):
+    waiter = Background(client.get, "/api/v1/tasks/next?work_path=/mine&worker_id=w&wait=1")
+    waiter.start()
+    wait_until(lambda: store._waiters == 1)
+    store.create({"work_directory": "/other", "prompt": "p"})
+    assert waiter.finish().json["data"] is None
+    assert waiter.seconds > 0.9
+
+
+def test_a_lease_expiring_during_the_wait_wakes_the_waiter():
+    store = TaskStore(task_timeout=0.3)  # the real clock: a lease of 0.3 s
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "slow")
+    waiter = Background(client.get, "/api/v1/tasks/next?work_path=/r&worker_id=fast&wait=10")
+    waiter.start()
+    claimed = waiter.finish().json["data"]
+    assert claimed["id"] == task.id and claimed["worker_id"] == "fast"
+    assert claimed["retry_count"] == 1 and waiter.seconds < 3
+
+
+@pytest.mark.parametrize("wait", ["21", "-1", "1.5", "soon"])
+def test_wait_outside_0_to_20_seconds_is_a_400(client, wait):
+    res = client.get(f"/api/v1/tasks/next?work_path=/r&worker_id=w&wait={wait}", status=400)
+    assert res.json["error"]["details"]["field"] == "wait"
+
+
+def test_waiters_beyond_the_cap_answer_at_once_and_health_stays_served():
+    config = Config(rate_limit=0, threads=4)  # two may wait, two threads stay free
+    store = TaskStore(max_waiters=2)
+    with running_server(config, create_app(config, store)) as url:
+        claim = f"{url}/api/v1/tasks/next?work_path=/r&worker_id=w&wait=10"
+        waiters = [Background(get_json, claim) for _ in range(2)]
+        for waiter in waiters:
+            waiter.start()
+        wait_until(lambda: store._waiters == 2)
+        started = time.monotonic()
+        assert get_json(claim)["data"] is None  # over the cap: answered at once
+        assert get_json(url + "/health")["data"]["status"] == "healthy"
+        assert time.monotonic() - started < 2
+        for _ in range(2):
+            store.create({"work_directory": "/r", "prompt": "p"})
+        assert all(waiter.finish()["data"] is not None for waiter in waiters)
+
+
+def test_shutdown_releases_waiting_claims():
+    config = Config(rate_limit=0)
+    store = TaskStore()
+    with running_server(config, create_app(config, store)) as url:
+        waiter = Background(get_json, f"{url}/api/v1/tasks/next?work_path=/r&worker_id=w&wait=20")
+        waiter.start()
+        wait_until(lambda: store._waiters == 1)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 3
+    assert waiter.finish()["data"] is None
+    assert store.claim("/r", "w", wait=5) is None  # after shutdown, nothing waits
+
+
+def test_create_app_leaves_two_threads_free_of_long_polls():
+    for threads, waiters in [(8, 6), (3, 1), (2, 0), (1, 0)]:
+        app = create_app(Config(threads=threads))
+        plugin = next(p for p in app.plugins if isinstance(p, orchestrator._WakeWaitersOnClose))
+        assert plugin.store.max_waiters == waiters
+
+
+def test_mcp_acquire_task_waits_too(call_tool, store):
+    waiter = Background(call_tool, "acquire_task", {"work_path": "/r", "worker_id": "w",
+                                                    "wait": 10})
+    waiter.start()
+    wait_until(lambda: store._waiters == 1)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    assert waiter.finish()["structuredContent"]["task"]["id"] == task.id
