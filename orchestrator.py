@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -41,12 +42,16 @@ import math
 import ntpath
 import os
 import posixpath
+import queue
 import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections import OrderedDict
@@ -2457,8 +2462,9 @@ def _argument_parser() -> argparse.ArgumentParser:
         prog="orchestrator.py",
         description="Serve the task orchestrator's REST API and MCP endpoint. Settings come "
                     "from APP_* environment variables (see README.md); these flags override them.",
-        epilog="Other command: mcp-stdio (relay an MCP stdio client to /mcp; see "
-               "'orchestrator.py mcp-stdio --help').",
+        epilog="Other commands: 'orchestrator.py work' (run an agent on each task of a "
+               "directory) and 'orchestrator.py mcp-stdio' (relay an MCP stdio client to "
+               "/mcp); each takes --help.",
     )
     parser.add_argument("--host", help="listen address (APP_SERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="listen port, 0 for any free one "
@@ -2479,8 +2485,9 @@ def _is_loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """The command line: serve (the default), or a subcommand; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "mcp-stdio":
-        return _main_mcp_stdio(argv[1:])
+    commands = {"mcp-stdio": _main_mcp_stdio, "work": _main_work}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     return _main_serve(argv)
 
 
@@ -2585,12 +2592,7 @@ class _StdioRelay:
 
     def _post(self, body: bytes, headers: dict[str, str]) -> dict:
         """POST one message; the JSON-RPC reply, or a stand-in error for a non-JSON-RPC answer."""
-        post = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(post, timeout=60) as answer:
-                status, raw = answer.status, answer.read()
-        except urllib.error.HTTPError as error:
-            status, raw = error.code, error.read()
+        status, raw = _http_exchange("POST", self.url, body, headers, timeout=60)
         try:
             reply = json.loads(raw) if raw else {}
         except ValueError:
@@ -2601,12 +2603,328 @@ class _StdioRelay:
                           "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
 
 
+def _http_exchange(method: str, url: str, body: bytes | None, headers: dict[str, str],
+                   timeout: float) -> tuple[int, bytes]:
+    """One HTTP request: (status, body), error statuses included; OSError when unreachable."""
+    outgoing = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(outgoing, timeout=timeout) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 def _encode_header(value: str) -> str:
     """A header value as is when plain ASCII, else in the spec's =?base64?...?= form."""
     if value.isascii() and value.isprintable() and value == value.strip() \
             and not value.startswith("=?base64?"):
         return value
     return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
+
+
+# -- work: run an agent command on each task of one directory -----------------
+
+def _main_work(argv: list[str]) -> int:
+    """Claim tasks for a directory, run a command on each, report; see --help."""
+    parser = argparse.ArgumentParser(
+        prog="orchestrator.py work",
+        usage="%(prog)s --work-path DIR [options] -- COMMAND [ARG ...]",
+        description="Claim the tasks of one directory, one at a time; run COMMAND on each in "
+                    "the task's directory with the prompt on its standard input (and in place "
+                    "of {prompt} in any ARG); keep the lease alive while it runs; report exit "
+                    "status 0 as completed (with its output) and anything else as failed.",
+        epilog="A worker runs whatever prompts the queue holds: keep the server on loopback "
+               "or behind an API key. Ctrl-C once: finish the current task, then exit. "
+               "Twice: stop it now and hand the task back.",
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the orchestrator")
+    parser.add_argument("--work-path", required=True, help="the directory whose tasks to take")
+    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="how this worker is named in the queue (default: HOST-PID)")
+    parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
+                        help="API key (default: APP_SECURITY_API_KEY)")
+    parser.add_argument("--wait", type=int, default=20, choices=range(0, 21), metavar="0-20",
+                        help="seconds each claim waits for a task (default 20)")
+    parser.add_argument("--once", action="store_true",
+                        help="handle one task (or none, if none comes within --wait), then exit")
+    parser.add_argument("--max-output", type=int, default=65536, metavar="BYTES",
+                        help="how much of the end of the command's output to report")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --, e.g. -- claude -p")
+    _configure_logging(Config())
+    worker = _Worker(_ApiClient(args.url, args.token), os.path.abspath(
+        os.path.expanduser(args.work_path)), args.worker_id, command, args.wait, args.once,
+        args.max_output)
+    return worker.run()
+
+
+class _Refused(Exception):
+    """The server refused the API key (401): retrying cannot help."""
+
+
+class _Abort(Exception):
+    """A second Ctrl-C: stop now."""
+
+
+class _ApiClient:
+    """The REST API as the worker uses it: JSON bodies in, (status, envelope) out."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict | None = None,
+             timeout: float = 30) -> tuple[int, dict]:
+        """One request; raises _Refused on a 401 and OSError when the server is unreachable."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        status, raw = _http_exchange(method, self.url + path, data, headers, timeout)
+        if status == 401:
+            raise _Refused("the server refused the API key (401): pass --token or set "
+                           "APP_SECURITY_API_KEY")
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            envelope = {"error": {"message": raw[:200].decode("utf-8", "replace")}}
+        return status, envelope
+
+
+class _Worker:
+    """Claims tasks for one directory, runs the command on each, keeps the lease, reports.
+
+    The main thread only ever waits on one queue of events: Ctrl-C (put there by
+    the signal handler, which SimpleQueue allows), a finished HTTP call, the
+    command's exit, a lost lease. Heartbeats run in a thread of their own.
+    """
+
+    def __init__(self, api: _ApiClient, work_path: str, worker_id: str, command: list[str],
+                 wait: int, once: bool, max_output: int) -> None:
+        self.api = api
+        self.work_path = work_path
+        self.worker_id = worker_id
+        self.command = command
+        self.wait = wait
+        self.once = once
+        self.max_output = max_output
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._interrupts = 0
+
+    def run(self) -> int:
+        """Work until the queue is empty (--once) or Ctrl-C; the exit status."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        logger.info("working on %s as %s; Ctrl-C to stop", self.work_path, self.worker_id)
+        try:
+            while not self._interrupts:
+                task = self._claim()
+                if task is not None:
+                    self._work_on(task)
+                if self.once:
+                    break
+        except _Refused as error:
+            logger.error("%s", error)
+            return 2
+        except _Abort:
+            return 130
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """Count Ctrl-C (or SIGTERM) and wake the main thread."""
+        self._interrupts += 1
+        self._events.put(("interrupt",))
+
+    # -- claiming and reporting ------------------------------------------------
+
+    def _claim(self) -> dict | None:
+        """Long-poll the next task; None when none came, or when asked to stop."""
+        query = urllib.parse.urlencode(
+            {"work_path": self.work_path, "worker_id": self.worker_id, "wait": self.wait})
+        answer = self._request("GET", f"/api/v1/tasks/next?{query}", None, claiming=True,
+                               timeout=self.wait + 15)
+        return None if answer is None else answer[1].get("data")
+
+    def _report(self, task: dict, action: str, body: dict) -> str:
+        """Report the outcome, retrying while the server is unreachable; what became of it."""
+        status, envelope = self._request("POST", f"/api/v1/tasks/{task['id']}/{action}",
+                                         {"worker_id": self.worker_id, **body})
+        if status == 200:
+            return envelope["data"]["status"]
+        return f"not recorded ({envelope.get('error', {}).get('message', f'HTTP {status}')})"
+
+    def _request(self, method: str, path: str, body: dict | None, claiming: bool = False,
+                 timeout: float = 30) -> tuple[int, dict] | None:
+        """A request, retried with backoff (to 10 s) while the server is down or busy.
+
+        A claim gives up (None) once a first Ctrl-C asks the worker to stop.
+        """
+        delay = 1.0
+        while True:
+            try:
+                status, envelope = self._in_background(
+                    functools.partial(self.api.call, method, path, body, timeout))
+                if status != 429 and status < 500:
+                    return status, envelope
+                problem = f"it answered HTTP {status}"
+            except OSError as error:
+                problem = str(getattr(error, "reason", error))
+            logger.warning("cannot reach the orchestrator at %s (%s); retrying in %.0f s",
+                           self.api.url, problem, delay)
+            if self._pause(delay) and claiming:
+                return None
+            delay = min(delay * 2, 10)
+
+    def _in_background(self, call: Callable[[], object]) -> object:
+        """Run a blocking call in a thread, so that Ctrl-C is handled while it runs."""
+        def run() -> None:
+            try:
+                self._events.put(("done", call(), None))
+            except Exception as error:  # handed to the main thread, which re-raises it
+                self._events.put(("done", None, error))
+        threading.Thread(target=run, daemon=True).start()
+        while True:
+            event = self._events.get()
+            if event[0] == "interrupt":
+                self._interrupted("stopping once the pending request returns")
+            elif event[0] == "done":
+                if event[2] is not None:
+                    raise event[2]
+                return event[1]
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep, waking for Ctrl-C; whether the worker has been asked to stop."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                if self._events.get(timeout=remaining)[0] == "interrupt":
+                    self._interrupted("stopping")
+                    return True
+            except queue.Empty:
+                break
+        return bool(self._interrupts)
+
+    def _interrupted(self, first: str) -> None:
+        """The first Ctrl-C lets work in hand finish; the second aborts."""
+        if self._interrupts > 1:
+            raise _Abort()
+        logger.warning("%s; press Ctrl-C again to stop at once", first)
+
+    # -- running the command ---------------------------------------------------
+
+    def _work_on(self, task: dict) -> None:
+        """Run the command on a claimed task and report how it went."""
+        started = time.monotonic()
+        argv = [part.replace("{prompt}", task["prompt"]) for part in self.command]
+        try:
+            process = subprocess.Popen(
+                argv, cwd=task["work_directory"], start_new_session=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={**os.environ, "ORCHESTRATOR_TASK_ID": task["id"],
+                     "ORCHESTRATOR_URL": self.api.url},
+            )
+        except OSError as error:
+            outcome = self._report(task, "fail", {"error": f"cannot start {argv[0]}: {error}"})
+            self._log_task(task, f"could not start ({outcome})", started)
+            return
+        lost = threading.Event()
+        beats = threading.Thread(target=self._keep_lease, args=(task, lost), daemon=True)
+        threading.Thread(target=self._collect, args=(process, task["prompt"]), daemon=True).start()
+        beats.start()
+        try:
+            stdout, stderr, lease_lost = self._await_exit(process, task)
+        except _Abort:
+            self._stop(process)
+            self._hand_back(task)
+            raise
+        finally:
+            lost.set()  # stops the heartbeats
+        if lease_lost:
+            self._log_task(task, "lease lost, command stopped, not reported", started)
+        else:
+            self._finish(task, process.returncode, stdout, stderr, started)
+
+    def _collect(self, process: subprocess.Popen, prompt: str) -> None:
+        """Feed the prompt, gather the output, and announce the exit."""
+        stdout, stderr = process.communicate(prompt.encode())
+        self._events.put(("exited", stdout, stderr))
+
+    def _await_exit(self, process: subprocess.Popen, task: dict) -> tuple[bytes, bytes, bool]:
+        """Wait for the command: (stdout, stderr, whether the lease was lost and it stopped)."""
+        lease_lost = False
+        while True:
+            event = self._events.get()
+            if event[0] == "exited":
+                return event[1], event[2], lease_lost
+            if event[0] == "lease lost" and event[1] == task["id"]:
+                logger.warning("task %s: lost the lease; stopping the command", task["id"])
+                lease_lost = True
+                self._stop(process)
+            elif event[0] == "interrupt":
+                self._interrupted("stopping after this task")
+
+    def _keep_lease(self, task: dict, done: threading.Event) -> None:
+        """Heartbeat every third of the lease until done; a 409 means the lease is gone."""
+        lease = (_parse_rfc3339(task["lease_expires_at"]) - _parse_rfc3339(task["started_at"]))
+        while not done.wait(max(lease / 3, 0.05)):
+            try:
+                status, _ = self.api.call("POST", f"/api/v1/tasks/{task['id']}/heartbeat",
+                                          {"worker_id": self.worker_id})
+            except (OSError, _Refused) as error:
+                logger.warning("heartbeat failed (%s); trying again", error)
+                continue
+            if status in (404, 409) and not done.is_set():
+                self._events.put(("lease lost", task["id"]))
+                return
+
+    def _stop(self, process: subprocess.Popen) -> None:
+        """Stop the command's whole process group: politely, then not."""
+        for signum, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
+            try:
+                process.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _finish(self, task: dict, status: int, stdout: bytes, stderr: bytes,
+                started: float) -> None:
+        """Report an exited command: completed on status 0, failed otherwise."""
+        duration_ms = round(1000 * (time.monotonic() - started))
+        if status == 0:
+            output = stdout[-self.max_output:].decode("utf-8", "replace")
+            result = {"status": "success", "output": output, "duration_ms": duration_ms}
+            outcome = self._report(task, "complete", {"result": result})
+        else:
+            tail = stderr[-2000:].decode("utf-8", "replace").strip()
+            outcome = self._report(task, "fail", {"error": f"exit status {status}: {tail}"})
+        self._log_task(task, f"exit status {status}, {outcome}", started)
+
+    def _hand_back(self, task: dict) -> None:
+        """After a second Ctrl-C: fail the task with retry, so it is queued again at once."""
+        try:
+            self.api.call("POST", f"/api/v1/tasks/{task['id']}/fail",
+                          {"worker_id": self.worker_id, "error": "the worker was interrupted",
+                           "retry": True}, timeout=5)
+            logger.warning("task %s handed back to the queue", task["id"])
+        except (OSError, _Refused) as error:
+            logger.warning("could not hand task %s back (%s); its lease will expire",
+                           task["id"], error)
+
+    def _log_task(self, task: dict, outcome: str, started: float) -> None:
+        """The one line per task: id, outcome, duration."""
+        logger.info("task %s: %s in %.1f s", task["id"], outcome, time.monotonic() - started)
+
+
+def _parse_rfc3339(text: str) -> float:
+    """Epoch seconds from the API's timestamps."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 if __name__ == "__main__":

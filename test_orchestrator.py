@@ -2070,7 +2070,10 @@ class Background(threading.Thread):
 
     def __init__(self, call, *args):
         super().__init__(daemon=True)
-        self.call, self.args, self.result, self.error = call, args, None, None
+        self.call = call
+        self.args = args
+        self.result = None
+        self.error = None
 
     def run(self):
         started = time.monotonic()
@@ -2109,20 +2112,14 @@ def test_a_waiting_claim_is_woken_by_a_create(client, store):
     assert waiter.seconds < 5
 
 
-def test_a_wait_that_times_out_answers_null(client):
-    started = time.monotonic()
-    res = client.get("/api/v1/tasks/next?work_path=/r&worker_id=w&wait=1")
-    assert res.json["data"] is None and res.json["success"] is True
-    assert 0.9 < time.monotonic() - started < 5
-
-
-def test_a_task_for_another_directory_does_not_end_the_wait(client, store):
+def test_a_wait_that_times_out_answers_null_even_if_another_directory_got_work(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/mine&worker_id=w&wait=1")
     waiter.start()
     wait_until(lambda: store._waiters == 1)
     store.create({"work_directory": "/other", "prompt": "p"})
-    assert waiter.finish().json["data"] is None
-    assert waiter.seconds > 0.9
+    res = waiter.finish()
+    assert res.json["data"] is None and res.json["success"] is True
+    assert 0.9 < waiter.seconds < 5
 
 
 def test_a_lease_expiring_during_the_wait_wakes_the_waiter():
@@ -2188,3 +2185,169 @@ def test_mcp_acquire_task_waits_too(call_tool, store):
     wait_until(lambda: store._waiters == 1)
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     assert waiter.finish()["structuredContent"]["task"]["id"] == task.id
+
+
+# ---------------------------------------------------------------------------
+# The worker command
+# ---------------------------------------------------------------------------
+
+AGENT = """
+import os, sys, time
+prompt = sys.stdin.read()
+print("cwd", os.getcwd())
+print("env", os.environ["ORCHESTRATOR_TASK_ID"], os.environ["ORCHESTRATOR_URL"])
+print("prompt", prompt.upper())
+time.sleep(float(os.environ.get("AGENT_SLEEP", "0")))
+sys.stderr.write("agent says " + os.environ.get("AGENT_SAYS", "nothing"))
+sys.exit(int(os.environ.get("AGENT_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def worker_server():
+    """A live server over a real-clock store with short leases: (url, store)."""
+    store = TaskStore(max_retries=1, task_timeout=0.3)
+    config = Config(rate_limit=0)
+    with running_server(config, create_app(config, store)) as url:
+        yield url, store
+
+
+def worker_command(url, work_path, *args, agent=("-c", AGENT)):
+    return [sys.executable, str(MODULE), "work", "--url", url, "--work-path", str(work_path),
+            "--wait", "0", *args, "--", sys.executable, *agent]
+
+
+def run_worker(url, work_path, *args, env=None, agent=("-c", AGENT)):
+    result = subprocess.run(worker_command(url, work_path, "--once", *args, agent=agent),
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, **(env or {})})
+    return result.returncode, result.stderr
+
+
+def test_worker_completes_a_task_with_the_commands_output(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "fix it"})
+    status, stderr = run_worker(url, tmp_path)
+    assert status == 0, stderr
+    done = store.get(task.id)
+    assert done.status == "completed"
+    host, _, pid = done.worker_id.rpartition("-")
+    assert host == socket.gethostname() and pid.isdigit()  # the default HOST-PID
+    output = done.result["output"].splitlines()
+    assert output[:3] == [f"cwd {tmp_path}", f"env {task.id} {url}", "prompt FIX IT"]
+    assert done.result["status"] == "success" and isinstance(done.result["duration_ms"], int)
+    assert f"task {task.id}: exit status 0, completed in" in stderr
+
+
+def test_worker_failures_are_requeued_then_failed_at_the_limit(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    env = {"AGENT_EXIT": "3", "AGENT_SAYS": "boom"}
+    assert run_worker(url, tmp_path, env=env)[0] == 0
+    again = store.get(task.id)
+    assert again.status == "waiting" and again.retry_count == 1
+    assert again.error_message == "exit status 3: agent says boom"
+    assert run_worker(url, tmp_path, env=env)[0] == 0
+    assert store.get(task.id).status == "failed"
+
+
+def test_worker_puts_the_prompt_in_place_of_the_placeholder(worker_server, tmp_path):
+    url, store = worker_server
+    prompt = 'say "hi"; rm -rf / $(whoami) {prompt}'
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": prompt})
+    echo = ("-c", "import sys; print(sys.argv[1], end='')", "{prompt}")
+    assert run_worker(url, tmp_path, agent=echo)[0] == 0
+    assert store.get(task.id).result["output"] == prompt  # data, never a shell command
+
+
+def test_worker_keeps_a_long_task_through_heartbeats(worker_server, tmp_path):
+    url, store = worker_server  # leases of 0.3 s
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    assert run_worker(url, tmp_path, env={"AGENT_SLEEP": "1"})[0] == 0
+    done = store.get(task.id)
+    assert (done.status, done.retry_count) == ("completed", 0)
+    assert store.statistics()["expired_leases_total"] == 0
+
+
+def test_worker_stops_the_command_when_the_lease_is_lost(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    worker = subprocess.Popen(worker_command(url, tmp_path, "--once"), text=True,
+                              env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
+    wait_until(lambda: store.get(task.id).status == "working")
+    store.delete(task.id)  # its next heartbeat is refused
+    assert worker.wait(timeout=10) == 0
+    assert "lease lost, command stopped, not reported" in worker.stderr.read()
+
+
+def test_worker_once_on_an_empty_queue_exits_0(worker_server, tmp_path):
+    url, store = worker_server
+    assert run_worker(url, tmp_path)[0] == 0
+    assert store.statistics()["total_tasks"] == 0
+
+
+def test_worker_reports_a_command_that_cannot_start(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    command = [sys.executable, str(MODULE), "work", "--url", url, "--work-path", str(tmp_path),
+               "--wait", "0", "--once", "--", str(tmp_path / "no-such-agent")]
+    assert subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+    assert store.get(task.id).error_message.startswith("cannot start ")
+
+
+def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_path):
+    url, store = worker_server
+    first, _ = store.create({"work_directory": str(tmp_path), "prompt": "one"})
+    second, _ = store.create({"work_directory": str(tmp_path), "prompt": "two"})
+    worker = subprocess.Popen(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE,
+                              env={**os.environ, "AGENT_SLEEP": "0.5"})
+    wait_until(lambda: store.get(first.id).status == "working")
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 0
+    assert store.get(first.id).status == "completed"
+    assert store.get(second.id).status == "waiting"  # no new claim after Ctrl-C
+
+
+def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_server,
+                                                                      tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    pid_file = tmp_path / "agent.pid"
+    agent = ("-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                   "time.sleep(30)")
+    worker = subprocess.Popen(worker_command(url, tmp_path, agent=agent), text=True,
+                              stderr=subprocess.PIPE)
+    wait_until(lambda: pid_file.exists() and pid_file.read_text())
+    worker.send_signal(signal.SIGINT)
+    while "press Ctrl-C again" not in worker.stderr.readline():
+        pass
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 130
+    handed_back = store.get(task.id)
+    assert handed_back.status == "waiting" and handed_back.retry_count == 1
+    assert handed_back.error_message == "the worker was interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_worker_with_a_wrong_key_exits_2(tmp_path):
+    config = Config(rate_limit=0, api_key="s3cret")
+    with running_server(config) as url:
+        status, stderr = run_worker(url, tmp_path, "--token", "wrong")
+    assert status == 2 and "refused the API key" in stderr and "Traceback" not in stderr
+
+
+def test_worker_retries_while_the_server_is_down(tmp_path):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    worker = subprocess.Popen(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE)
+    line = ""
+    while "cannot reach" not in line:
+        line = worker.stderr.readline()
+        assert line, "the worker ended without saying why"
+    assert "retrying in 1 s" in line
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 0
+    assert "Traceback" not in worker.stderr.read()
