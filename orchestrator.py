@@ -2903,7 +2903,9 @@ class _Worker:
             outcome = self._report(task, "complete", {"result": result})
         else:
             tail = stderr[-2000:].decode("utf-8", "replace").strip()
-            outcome = self._report(task, "fail", {"error": f"exit status {status}: {tail}"})
+            error = f"exit status {status}: {tail}" if tail else f"exit status {status}"
+            outcome = self._report(task, "fail", {"error": error})
+        outcome = {"waiting": "failed, queued again"}.get(outcome, outcome)
         self._log_task(task, f"exit status {status}, {outcome}", started)
 
     def _hand_back(self, task: dict) -> None:
