@@ -3,23 +3,27 @@
 Clients create tasks (a prompt plus the absolute work directory it applies to);
 workers claim the next task for their directory, hold it under a lease, and
 report success or failure. Failures and expired leases are retried up to a
-limit. Everything is visible through statistics and a health check.
+limit. One in-memory store answers two protocols: a REST API under /api/v1
+(described at /openapi.json) and an MCP endpoint at /mcp, for agents.
 
-Needs Python 3.11+, bottle and waitress. The store lives in memory: a restart
-loses every task. Delivery is at-least-once: a task whose lease expires is
-handed to the next worker, and its former holder can no longer report on it.
+Needs Python 3.11+, bottle and waitress. Limits: the store lives in memory, so
+a restart loses every task; delivery is at-least-once, so a task whose lease
+expires goes to the next worker, and its former holder can no longer report on it.
 
 Run it:
 
-    python orchestrator.py --port 8080      # or: make run
+    python orchestrator.py                                  # serve (or: make run)
+    python orchestrator.py work --work-path DIR -- CMD ...  # run CMD on each task
+    python orchestrator.py mcp-stdio                        # for stdio MCP clients
 
 Embed it in tests:
 
     with running_server() as url:
         ...                                  # talk HTTP to url
 
-Sections: configuration, errors, request declarations, the task, the store,
-the rate limiter, HTTP, logging, serving and the command line.
+Sections, in dependency order: configuration, errors, request declarations, the
+task, logging, the store, the rate limiter, HTTP, MCP, the OpenAPI document,
+serving and the command line (with the stdio relay and the worker).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
 import bottle
@@ -756,7 +760,7 @@ def _rfc3339(timestamp: float | None) -> str | None:
     """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -1434,18 +1438,44 @@ request = bottle.request  # thread-local: the request being handled
 response = bottle.response  # thread-local: the response being built
 
 
+def _envelope(data: object = None, error: OrchestratorError | None = None) -> bytes:
+    """The JSON body every response carries: {success, data, error, timestamp}."""
+    response.content_type = "application/json"
+    body = {
+        "success": error is None,
+        "data": data,
+        "error": None if error is None else {
+            "code": error.code, "message": error.message, "details": error.details,
+        },
+        "timestamp": _rfc3339(time.time()),
+    }
+    return json.dumps(body).encode()
+
+
+def _error_envelope(error: OrchestratorError) -> bytes:
+    """The status, headers and envelope of an error."""
+    _apply_error_status(error)
+    return _envelope(error=error)
+
+
+def _apply_error_status(error: OrchestratorError) -> None:
+    """Set the response's status and the headers the error calls for."""
+    response.status = error.status
+    for name, value in error.headers().items():
+        response.set_header(name, value)
+
+
 def _serve(
     gate: _Gate,
     handler: Callable[..., object],
-    render: Callable[[object], bytes] | None = None,
-    render_error: Callable[[OrchestratorError], bytes] | None = None,
+    render: Callable[[object], bytes] = _envelope,
+    render_error: Callable[[OrchestratorError], bytes] = _error_envelope,
     **url_args: str,
 ) -> bytes:
     """Answer one request: the gate, the handler, and the protocol's body for either outcome.
 
     REST answers in the envelope; /mcp passes its own renderers for JSON-RPC.
     """
-    render, render_error = render or _envelope, render_error or _error_envelope
     started = time.perf_counter()
     try:
         gate.admit()
@@ -1465,19 +1495,6 @@ def _serve(
     return body
 
 
-def _error_envelope(error: OrchestratorError) -> bytes:
-    """The status, headers and envelope of an error."""
-    _apply_error_status(error)
-    return _envelope(error=error)
-
-
-def _apply_error_status(error: OrchestratorError) -> None:
-    """Set the response's status and the headers the error calls for."""
-    response.status = error.status
-    for name, value in error.headers().items():
-        response.set_header(name, value)
-
-
 def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
     """Bottle's own answers (no such route, wrong method, its last-resort 500) as envelopes."""
     def refuse() -> None:
@@ -1487,20 +1504,6 @@ def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
             raise MethodNotAllowed(error.headers["Allow"])
         raise OrchestratorError()
     return _serve(gate, refuse)
-
-
-def _envelope(data: object = None, error: OrchestratorError | None = None) -> bytes:
-    """The JSON body every response carries: {success, data, error, timestamp}."""
-    response.content_type = "application/json"
-    body = {
-        "success": error is None,
-        "data": data,
-        "error": None if error is None else {
-            "code": error.code, "message": error.message, "details": error.details,
-        },
-        "timestamp": _rfc3339(time.time()),
-    }
-    return json.dumps(body).encode()
 
 
 class _Gate:

@@ -1,5 +1,6 @@
 """Tests for orchestrator.py: the store, the REST API, the gate, configuration and serving."""
 
+import contextlib
 import http.client
 import json
 import logging
@@ -756,18 +757,16 @@ def test_status_index_stays_newest_first_through_every_transition(store, clock, 
     monkeypatch.setattr(orchestrator._SortedKeys, "CHUNK", 2)  # force many chunk splits
     rng = random.Random(7)
     tasks = [store.create({"work_directory": f"/d{i % 3}", "prompt": "p"})[0] for i in range(120)]
+    operations = [
+        lambda task: store.claim(task.work_directory, "w"),
+        lambda task: store.complete(task.id),
+        lambda task: store.fail(task.id, {"error": "e"}),
+        lambda task: store.cancel(task.id),
+        lambda task: store.retry(task.id),
+    ]
     for _ in range(400):
-        task = rng.choice(tasks)
-        try:
-            rng.choice([
-                lambda: store.claim(task.work_directory, "w"),
-                lambda: store.complete(task.id),
-                lambda: store.fail(task.id, {"error": "e"}),
-                lambda: store.cancel(task.id),
-                lambda: store.retry(task.id),
-            ])()
-        except Conflict:
-            pass
+        with contextlib.suppress(Conflict):
+            rng.choice(operations)(rng.choice(tasks))
     everything = store.list({"limit": 1000})["tasks"]
     assert [t.id for t in everything] == [t.id for t in reversed(tasks)]
     for status in orchestrator.STATUSES:
@@ -1365,9 +1364,9 @@ def schema_errors(schema, value, path="$", root=None):
             errors.append(f"{path}: length {len(value)} out of bounds")
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(f"{path}: does not match {schema['pattern']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", -1e18) or value > schema.get("maximum", 1e18):
-            errors.append(f"{path}: {value} out of bounds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value < schema.get("minimum", -1e18) or value > schema.get("maximum", 1e18)):
+        errors.append(f"{path}: {value} out of bounds")
     if isinstance(value, list):
         if len(value) > schema.get("maxItems", 1e18):
             errors.append(f"{path}: too many items")
