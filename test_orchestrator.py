@@ -1299,38 +1299,52 @@ def test_running_server_stops_and_frees_its_port():
         socket.create_connection(("127.0.0.1", port), timeout=1)
 
 
-def test_concurrent_claims_deliver_each_task_exactly_once(live_url, live_store):
+def test_concurrent_claims_deliver_each_task_exactly_once():
+    """8 workers long-poll while half the tasks are still being created: none lost, none twice."""
     total, workers = 2000, 8
-    for i in range(total):
-        live_store.create({"work_directory": "/shared", "prompt": f"task {i}"})
-    host_port = live_url.removeprefix("http://")
+    store = TaskStore(max_waiters=workers)
+    config = Config(rate_limit=0, threads=workers + 2)
+    for i in range(total // 2):
+        store.create({"work_directory": "/shared", "prompt": f"task {i}"})
+    producing = threading.Event()
+    producing.set()
     claimed: list[list[str]] = [[] for _ in range(workers)]
     errors = []
 
-    def work(index):
+    def produce():
+        for i in range(total // 2, total):
+            store.create({"work_directory": "/shared", "prompt": f"task {i}"})
+        producing.clear()
+
+    def work(index, host_port):
         connection = http.client.HTTPConnection(host_port, timeout=30)
         try:
             while True:
-                connection.request("GET", f"/api/v1/tasks/next?work_path=/shared&worker_id=w{index}")
+                connection.request(
+                    "GET", f"/api/v1/tasks/next?work_path=/shared&worker_id=w{index}&wait=1")
                 task = json.loads(connection.getresponse().read())["data"]
-                if task is None:
+                if task is not None:
+                    claimed[index].append(task["id"])
+                elif not producing.is_set():
                     return
-                claimed[index].append(task["id"])
         except Exception as error:  # reported by the main thread
             errors.append(error)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with running_server(config, create_app(config, store)) as url:
+        threads = [threading.Thread(target=work, args=(i, url.removeprefix("http://")))
+                   for i in range(workers)]
+        threads.append(threading.Thread(target=produce))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     every = [task_id for ids in claimed for task_id in ids]
     assert not errors
     assert len(every) == total and len(set(every)) == total
     assert sum(1 for ids in claimed if ids) > 1  # the work really was shared
-    stats = live_store.statistics()
+    stats = store.statistics()
     assert stats["working_tasks"] == total and stats["waiting_tasks"] == 0
 
 
