@@ -1872,43 +1872,30 @@ class _Tool:
         }
 
 
-def _on_task(method: str, with_body: bool = True) -> Callable[[TaskStore, dict], dict]:
-    """A tool call: the store method on arguments["task_id"], the other arguments its body."""
-    def call(store: TaskStore, arguments: dict) -> dict:
-        task_id = arguments.pop("task_id")
-        operation = getattr(store, method)
-        task = operation(task_id, arguments) if with_body else operation(task_id)
-        return task.to_dict()
+def _through_rest(handler: Callable[..., object]) -> Callable[[TaskStore, dict], object]:
+    """A tool call that runs the REST route's handler, so both return the same data."""
+    def call(store: TaskStore, arguments: dict) -> object:
+        task_id = arguments.pop("task_id", None)
+        if task_id is None:
+            return handler(store, arguments)
+        return handler(store, arguments, task_id)
     return call
 
 
 def _create_by_tool(store: TaskStore, arguments: dict) -> dict:
-    """create_task: the idempotency key travels as an argument."""
+    """create_task: the idempotency key travels as an argument, and no 201 is set."""
     key = arguments.pop("idempotency_key", None)
     return store.create(arguments, key)[0].to_dict()
 
 
 def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
-    """acquire_task: {"task": the claimed task, or null}."""
-    task = store.claim(**arguments)
-    return {"task": None if task is None else task.to_dict()}
+    """acquire_task: the REST claim's data as {"task": ...}, since tools answer objects."""
+    return {"task": _claim_task(store, arguments)}
 
 
-def _delete_by_tool(store: TaskStore, arguments: dict) -> dict:
-    """delete_task: the same answer as DELETE /api/v1/tasks/{id}."""
-    store.delete(arguments["task_id"])
-    return {"id": arguments["task_id"], "deleted": True}
-
-
-def _list_by_tool(store: TaskStore, arguments: dict) -> dict:
-    """list_tasks: the REST list page."""
-    page = store.list(arguments)
-    return {**page, "tasks": [task.to_dict() for task in page["tasks"]]}
-
-
-def _with_task_id(name: str, body: Schema) -> Schema:
-    """A tool's arguments: the task id, then the fields of the REST body."""
-    return Schema(name, (TASK_ID, *body.fields))
+def _with_task_id(name: str, body: Schema | None = None) -> Schema:
+    """A tool's arguments: the task id, then the fields of the REST body (if any)."""
+    return Schema(name, (TASK_ID, *(body.fields if body else ())))
 
 
 _TOOLS = {tool.name: tool for tool in (
@@ -1925,42 +1912,44 @@ _TOOLS = {tool.name: tool for tool in (
     _Tool("complete_task", "Complete a task",
           "Report a task you hold as done, with its result. A result status of \"failure\" "
           "counts as a failed attempt.",
-          _with_task_id("complete_task", TASK_COMPLETE), _TASK_SCHEMA, _on_task("complete"),
+          _with_task_id("complete_task", TASK_COMPLETE), _TASK_SCHEMA, _through_rest(_complete_task),
           _IDEMPOTENT),
     _Tool("fail_task", "Fail a task",
           "Report that a task you hold failed. It is queued again while retries are left "
           "(unless retry is false), else it becomes failed.",
-          _with_task_id("fail_task", TASK_FAIL), _TASK_SCHEMA, _on_task("fail"), _ADDITIVE),
+          _with_task_id("fail_task", TASK_FAIL), _TASK_SCHEMA, _through_rest(_fail_task), _ADDITIVE),
     _Tool("heartbeat_task", "Extend a lease",
           "Extend your lease on a task you hold, so that a long run keeps it.",
-          _with_task_id("heartbeat_task", TASK_HEARTBEAT), _TASK_SCHEMA, _on_task("heartbeat"),
+          _with_task_id("heartbeat_task", TASK_HEARTBEAT), _TASK_SCHEMA,
+          _through_rest(_heartbeat_task),
           _IDEMPOTENT),
     _Tool("cancel_task", "Cancel a task",
           "Stop a waiting or working task for good.",
-          _with_task_id("cancel_task", TASK_CANCEL), _TASK_SCHEMA, _on_task("cancel"),
+          _with_task_id("cancel_task", TASK_CANCEL), _TASK_SCHEMA, _through_rest(_cancel_task),
           _DESTRUCTIVE),
     _Tool("retry_task", "Retry a failed task",
           "Queue a failed task again, even past its max_retries.",
-          _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _on_task("retry"),
+          _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _through_rest(_retry_task),
           _ADDITIVE),
     _Tool("get_task", "Get a task", "Read one task by id.",
-          _with_task_id("get_task", TASK_RETRY), _TASK_SCHEMA, _on_task("get", False),
+          _with_task_id("get_task"), _TASK_SCHEMA, _through_rest(_get_task),
           _READ_ONLY),
     _Tool("update_task", "Update a waiting task",
           "Change a waiting task's prompt, priority, tags, metadata, max_retries or directory.",
-          _with_task_id("update_task", TASK_UPDATE), _TASK_SCHEMA, _on_task("update"),
+          _with_task_id("update_task", TASK_UPDATE), _TASK_SCHEMA, _through_rest(_update_task),
           _IDEMPOTENT),
     _Tool("delete_task", "Delete a task", "Remove a task in any state.",
-          _with_task_id("delete_task", TASK_RETRY), _DELETED_SCHEMA, _delete_by_tool,
+          _with_task_id("delete_task"), _DELETED_SCHEMA, _through_rest(_delete_task),
           _DESTRUCTIVE),
     _Tool("list_tasks", "List tasks",
           "A page of tasks, newest first, filtered by status, priority, worker_id, "
           "work_directory or tag.",
-          Schema("list_tasks", LIST_QUERY.fields), _PAGE_SCHEMA, _list_by_tool, _READ_ONLY),
+          Schema("list_tasks", LIST_QUERY.fields), _PAGE_SCHEMA, _through_rest(_list_tasks),
+          _READ_ONLY),
     _Tool("get_statistics", "Queue statistics",
           "Counts by status, success rate, retries, expired leases and mean duration.",
-          Schema("get_statistics", ()), _STATISTICS_SCHEMA,
-          lambda store, _: store.statistics(), _READ_ONLY),
+          Schema("get_statistics", ()), _STATISTICS_SCHEMA, _through_rest(_statistics),
+          _READ_ONLY),
 )}
 _TOOL_DEFINITIONS = [tool.definition() for tool in _TOOLS.values()]
 
