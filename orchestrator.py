@@ -144,6 +144,14 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
     return parts.scheme.lower(), parts.hostname.lower(), port
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether an address or host name means this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 #: Every setting once: its environment variable, its attribute, its parser.
 _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_SERVER_HOST", "host", _text),
@@ -1514,6 +1522,7 @@ class _Gate:
         self.max_body = config.max_body
         self.allowed_origins = {_origin_key(origin) for origin in config.allowed_origins}
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self.loopback_only = _is_loopback(config.host)
 
     def admit(self) -> None:
         """Raise the error that refuses the current request, if any."""
@@ -1532,6 +1541,10 @@ class _Gate:
         if origin is None:
             return
         own = _origin_key(f"{request.environ['wsgi.url_scheme']}://{_host_header()}")
+        if own is not None and self.loopback_only and not _is_loopback(own[1]):
+            # DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own
+            # name as both Origin and Host. A loopback server's own name is loopback.
+            own = None
         key = _origin_key(origin)
         if key is None or (key != own and key not in self.allowed_origins):
             raise Forbidden(f"origin {_shorten(origin)} is not allowed")
@@ -2464,14 +2477,6 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", help="worker threads (APP_SERVER_THREADS, default 8)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether a listen address is reachable from this machine only."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -973,6 +973,31 @@ def test_a_foreign_origin_is_forbidden(client, store, method, origin):
     assert store.statistics()["total_tasks"] == 0
 
 
+@pytest.mark.parametrize("host", ["evil.example:8080", "evil.example"])
+def test_a_dns_rebinding_page_is_not_the_servers_own_origin(store, host):
+    # evil.example re-resolved to 127.0.0.1: Origin and Host agree, yet it is not us.
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    origin = "http://" + host
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p"},
+                           headers={"Origin": origin, "Host": host}, status=403)
+    assert res.json["error"]["code"] == "FORBIDDEN"
+    client.post_json("/mcp", {"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                     headers={"Origin": origin, "Host": host}, status=403)
+    assert store.statistics()["total_tasks"] == 0
+
+
+@pytest.mark.parametrize("host", ["localhost:8080", "127.0.0.1:8080", "[::1]:8080"])
+def test_a_loopback_servers_own_origin_is_a_loopback_name(store, host):
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    client.get("/api/v1/tasks", headers={"Origin": "http://" + host, "Host": host}, status=200)
+
+
+def test_a_server_bound_beyond_loopback_accepts_its_own_name(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, host="0.0.0.0"), store))
+    client.get("/api/v1/tasks", headers={"Origin": "http://box.lan:8080", "Host": "box.lan:8080"},
+               status=200)
+
+
 def test_own_and_allowed_origins_pass(store):
     config = Config(rate_limit=0, allowed_origins=("https://ui.example:8443",))
     client = webtest.TestApp(create_app(config, store))
