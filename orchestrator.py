@@ -71,21 +71,35 @@ import waitress.trigger
 import waitress.wasyncore
 
 __all__ = [
+    # the task's statuses and priorities
+    "STATUSES", "WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED", "FINISHED", "PRIORITIES",
+    # the request declarations: bodies and queries, and the fields they share
+    "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
+    "TASK_RETRY", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY", "PROMPT", "PRIORITY",
+    "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "TASK_ID", "IDEMPOTENCY_KEY",
+    "IDEMPOTENCY_HEADER",
+    # the service
     "Config",
-    "ConfigError",
-    "Conflict",
     "Field",
-    "NotFound",
-    "OrchestratorError",
     "RateLimiter",
-    "RateLimited",
     "Schema",
     "Task",
     "TaskStore",
-    "ValidationError",
     "create_app",
     "main",
     "running_server",
+    # the errors, each with its HTTP status and code
+    "OrchestratorError",
+    "ConfigError",
+    "ValidationError",
+    "Unauthorized",
+    "Forbidden",
+    "NotFound",
+    "MethodNotAllowed",
+    "Conflict",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
+    "RateLimited",
 ]
 
 __version__ = "1.0.0"
@@ -1802,9 +1816,9 @@ _ROUTES = (
 # and capabilities in params._meta, mirrored in headers that must agree.
 # ---------------------------------------------------------------------------
 
-MCP_MODERN_VERSION = "2026-07-28"
-MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")  # newest first
-_MCP_VERSIONS = (MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS)
+_MCP_MODERN_VERSION = "2026-07-28"
+_MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")  # newest first
+_MCP_VERSIONS = (_MCP_MODERN_VERSION, *_MCP_HANDSHAKE_VERSIONS)
 #: Revisions whose tools page makes invalid arguments a JSON-RPC error; later
 #: ones return them as tool results, so that the model can correct itself.
 _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS = ("2025-03-26", "2025-06-18")
@@ -1827,8 +1841,8 @@ _INSTRUCTIONS = (
     "create_task queues new work; list_tasks, get_task and get_statistics show the queue."
 )
 
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
-INTERNAL_ERROR, HEADER_MISMATCH, UNSUPPORTED_VERSION = -32603, -32020, -32022
+_PARSE_ERROR, _INVALID_REQUEST, _METHOD_NOT_FOUND, _INVALID_PARAMS = -32700, -32600, -32601, -32602
+_INTERNAL_ERROR, _HEADER_MISMATCH, _UNSUPPORTED_VERSION = -32603, -32020, -32022
 
 
 class _RpcError(Exception):
@@ -1970,7 +1984,7 @@ _TOOL_DEFINITIONS = [tool.definition() for tool in _TOOLS.values()]
 def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
     """Answer the one JSON-RPC message of a POST /mcp; None for a notification (202)."""
     version = _header("MCP-Protocol-Version") or "2025-03-26"
-    modern = version not in MCP_HANDSHAKE_VERSIONS
+    modern = version not in _MCP_HANDSHAKE_VERSIONS
     request_id = None
     try:
         message = _rpc_message()
@@ -1997,19 +2011,19 @@ def _rpc_message() -> dict:
     try:
         message = _read_json(default=None)
     except ValidationError as error:
-        raise _RpcError(PARSE_ERROR, f"Parse error: {error.message}", status=400) from None
+        raise _RpcError(_PARSE_ERROR, f"Parse error: {error.message}", status=400) from None
     if isinstance(message, list):
-        raise _RpcError(INVALID_REQUEST, "batches are not supported: send one message per POST",
+        raise _RpcError(_INVALID_REQUEST, "batches are not supported: send one message per POST",
                         status=400)
     if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0"
             and isinstance(message.get("method"), str)):
-        raise _RpcError(INVALID_REQUEST, 'expected a JSON-RPC 2.0 request: '
+        raise _RpcError(_INVALID_REQUEST, 'expected a JSON-RPC 2.0 request: '
                         '{"jsonrpc": "2.0", "id": ..., "method": ...}', status=400)
     request_id = message.get("id", 0)
     if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
-        raise _RpcError(INVALID_REQUEST, "id must be a string or an integer", status=400)
+        raise _RpcError(_INVALID_REQUEST, "id must be a string or an integer", status=400)
     if not isinstance(message.get("params", {}), dict):
-        raise _RpcError(INVALID_REQUEST, "params must be an object", status=400)
+        raise _RpcError(_INVALID_REQUEST, "params must be an object", status=400)
     return message
 
 
@@ -2018,7 +2032,7 @@ def _check_modern_request(message: dict) -> None:
     params = message.get("params", {})
     meta = params.get("_meta")
     if not isinstance(meta, dict) or not {_VERSION_KEY, _CAPABILITIES_KEY} <= meta.keys():
-        raise _RpcError(INVALID_PARAMS, f"params._meta must carry {_VERSION_KEY} and "
+        raise _RpcError(_INVALID_PARAMS, f"params._meta must carry {_VERSION_KEY} and "
                         f"{_CAPABILITIES_KEY}", status=400)
     mirrored = [("MCP-Protocol-Version", meta[_VERSION_KEY]), ("Mcp-Method", message["method"])]
     if message["method"] == "tools/call" and "name" in params:
@@ -2026,10 +2040,10 @@ def _check_modern_request(message: dict) -> None:
     for header, body_value in mirrored:
         sent = _decode_header(_header(header))
         if sent != body_value:
-            raise _RpcError(HEADER_MISMATCH, f"Header mismatch: {header} header value {sent!r} "
+            raise _RpcError(_HEADER_MISMATCH, f"Header mismatch: {header} header value {sent!r} "
                             f"does not match body value {body_value!r}", status=400)
-    if meta[_VERSION_KEY] != MCP_MODERN_VERSION:
-        raise _RpcError(UNSUPPORTED_VERSION, "Unsupported protocol version", status=400,
+    if meta[_VERSION_KEY] != _MCP_MODERN_VERSION:
+        raise _RpcError(_UNSUPPORTED_VERSION, "Unsupported protocol version", status=400,
                         data={"supported": list(_MCP_VERSIONS), "requested": meta[_VERSION_KEY]})
 
 
@@ -2051,17 +2065,17 @@ def _call_method(store: TaskStore, gate: _Gate, message: dict, version: str) -> 
         return _call_tool(store, gate, params, version)
     if method == "tools/list":
         listing = {"tools": _TOOL_DEFINITIONS}
-        if version == MCP_MODERN_VERSION:
+        if version == _MCP_MODERN_VERSION:
             listing.update(ttlMs=_TOOLS_TTL_MS, cacheScope="public")
         return listing
-    if version == MCP_MODERN_VERSION and method == "server/discover":
+    if version == _MCP_MODERN_VERSION and method == "server/discover":
         return {"supportedVersions": list(_MCP_VERSIONS), "capabilities": _CAPABILITIES,
                 "instructions": _INSTRUCTIONS, "ttlMs": _TOOLS_TTL_MS, "cacheScope": "public"}
-    if version in MCP_HANDSHAKE_VERSIONS and method == "initialize":
+    if version in _MCP_HANDSHAKE_VERSIONS and method == "initialize":
         return _initialize(params)
-    if version in MCP_HANDSHAKE_VERSIONS and method == "ping":
+    if version in _MCP_HANDSHAKE_VERSIONS and method == "ping":
         return {}
-    raise _RpcError(METHOD_NOT_FOUND, f"Method not found: {method}")
+    raise _RpcError(_METHOD_NOT_FOUND, f"Method not found: {method}")
 
 
 def _initialize(params: dict) -> dict:
@@ -2069,7 +2083,7 @@ def _initialize(params: dict) -> dict:
     requested = params.get("protocolVersion")
     return {
         "protocolVersion": (
-            requested if requested in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+            requested if requested in _MCP_HANDSHAKE_VERSIONS else _MCP_HANDSHAKE_VERSIONS[0]
         ),
         "capabilities": _CAPABILITIES,
         "serverInfo": _SERVER_INFO,
@@ -2081,16 +2095,16 @@ def _call_tool(store: TaskStore, gate: _Gate, params: dict, version: str) -> dic
     """tools/call: business errors become tool results the model can read and act on."""
     tool = _TOOLS.get(params.get("name"))
     if tool is None:
-        raise _RpcError(INVALID_PARAMS, f"Unknown tool: {params.get('name')}")
+        raise _RpcError(_INVALID_PARAMS, f"Unknown tool: {params.get('name')}")
     arguments = params.get("arguments") or {}
     if not isinstance(arguments, dict):
-        raise _RpcError(INVALID_PARAMS, "arguments must be an object")
+        raise _RpcError(_INVALID_PARAMS, "arguments must be an object")
     try:
         gate.count_request()  # tool calls are what touch the store, so they are what count
         data = tool.call(store, tool.arguments.clean(arguments))
     except ValidationError as error:
         if version in _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS:
-            raise _RpcError(INVALID_PARAMS, error.message, data=error.details) from None
+            raise _RpcError(_INVALID_PARAMS, error.message, data=error.details) from None
         return _tool_error(error)
     except OrchestratorError as error:
         return _tool_error(error)
@@ -2111,7 +2125,7 @@ def _rpc_error(request_id: object, error: _RpcError, modern: bool) -> dict:
     """A JSON-RPC error response, its HTTP status set for the era."""
     status = error.status
     if status is None:
-        status = (404 if error.code == METHOD_NOT_FOUND else 400) if modern else 200
+        status = (404 if error.code == _METHOD_NOT_FOUND else 400) if modern else 200
     response.status = status
     body = {"code": error.code, "message": error.message}
     if error.data is not None:
@@ -2137,7 +2151,7 @@ def _render_rpc(message: dict | None) -> bytes:
 def _render_rpc_refusal(error: OrchestratorError) -> bytes:
     """A request the gate refused (origin, key, body) as a JSON-RPC error with no id."""
     _apply_error_status(error)
-    code = INTERNAL_ERROR if error.status >= 500 else INVALID_REQUEST
+    code = _INTERNAL_ERROR if error.status >= 500 else _INVALID_REQUEST
     return _render_rpc({
         "jsonrpc": "2.0", "id": None,
         "error": {"code": code, "message": error.message,
@@ -2553,13 +2567,13 @@ class _StdioRelay:
             message = json.loads(line)
         except ValueError:
             return {"jsonrpc": "2.0", "id": None,
-                    "error": {"code": PARSE_ERROR, "message": "Parse error: not JSON"}}
+                    "error": {"code": _PARSE_ERROR, "message": "Parse error: not JSON"}}
         request_id = message.get("id") if isinstance(message, dict) else None
         try:
             reply = self._post(line.encode(), self._headers(message))
         except OSError as error:  # urllib's URLError is one
             logger.warning("cannot reach %s: %s", self.url, error)
-            reply = {"error": {"code": INTERNAL_ERROR,
+            reply = {"error": {"code": _INTERNAL_ERROR,
                                "message": f"cannot reach the orchestrator at {self.url}: {error}"}}
         if not isinstance(message, dict) or "id" not in message:
             return None
@@ -2596,7 +2610,7 @@ class _StdioRelay:
             reply = None
         if isinstance(reply, dict) and ("result" in reply or "error" in reply or not raw):
             return reply
-        return {"error": {"code": INTERNAL_ERROR,
+        return {"error": {"code": _INTERNAL_ERROR,
                           "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
 
 
