@@ -1545,8 +1545,13 @@ class _Gate:
             self.count_request()
             self._check_api_key()
         elif request.path == "/mcp":
+            # Its rate limit counts tool calls (in the MCP section), and key guesses here.
             self._check_origin()
-            self._check_api_key()  # its rate limit counts tool calls, in the MCP section
+            try:
+                self._check_api_key()
+            except Unauthorized:
+                self.count_request()
+                raise
         self._check_body_size()
 
     def _check_origin(self) -> None:
@@ -2347,6 +2352,7 @@ def _mcp_operation() -> dict:
         "401": Unauthorized.__doc__, "403": Forbidden.__doc__,
         "404": "2026-07-28: no such method (JSON-RPC -32601).",
         "413": PayloadTooLarge.__doc__, "415": UnsupportedMediaType.__doc__,
+        "429": "Too many wrong API keys (tool calls over the limit are tool results).",
         "500": "Something unexpected; the details are in the server's log.",
     }
     responses = {status: {"description": text, "content": answer}

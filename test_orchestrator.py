@@ -1812,6 +1812,15 @@ def test_mcp_needs_the_api_key_when_one_is_set(store):
                 headers={"Authorization": "Bearer s3cret"}, status=200)
 
 
+def test_mcp_wrong_key_attempts_count_against_the_rate_limit(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=3, api_key="s3cret"), store))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+    guesses = [client.post("/mcp", body, content_type="application/json", expect_errors=True,
+                           headers={"Authorization": f"Bearer guess{i}"}).status_int
+               for i in range(5)]
+    assert guesses == [401, 401, 401, 429, 429]
+
+
 def test_mcp_rate_limit_answers_tool_calls_as_tool_results(store):
     client = webtest.TestApp(create_app(Config(rate_limit=2), store))
 
@@ -1994,7 +2003,7 @@ def test_parameters_and_bodies_say_what_validation_enforces(document):
     ("get", "/api/v1/tasks/{task_id}", {"404", "401", "429"}, {"409", "415"}),
     ("post", "/api/v1/tasks/{task_id}/complete", {"404", "409", "415"}, set()),
     ("get", "/health", {"200", "500"}, {"401", "403", "429"}),
-    ("post", "/mcp", {"200", "202", "400", "401", "403", "405", "413", "415"}, set()),
+    ("post", "/mcp", {"200", "202", "400", "401", "403", "405", "413", "415", "429"}, set()),
 ])
 def test_each_operation_documents_the_statuses_it_can_answer(document, method, path, present,
                                                              absent):
