@@ -1880,6 +1880,18 @@ _IDEMPOTENT = {**_ADDITIVE, "idempotentHint": True}
 _DESTRUCTIVE = {**_ADDITIVE, "destructiveHint": True, "idempotentHint": True}
 
 
+def _json_text(data: object, arguments: dict) -> str:
+    """A tool result's text: its data as JSON."""
+    return json.dumps(data)
+
+
+def _acquire_text(data: dict, arguments: dict) -> str:
+    """acquire_task's text says plainly when nothing was waiting."""
+    if data["task"] is None:
+        return f"No task is waiting in {arguments['work_path']} right now."
+    return json.dumps(data)
+
+
 @dataclass(frozen=True, slots=True)
 class _Tool:
     """One MCP tool: arguments from the declarations, the REST data as its output."""
@@ -1891,6 +1903,7 @@ class _Tool:
     output: dict
     call: Callable[[TaskStore, dict], dict]
     hints: dict
+    text: Callable[[object, dict], str] = _json_text  #: the result's text, from its data
 
     def definition(self) -> dict:
         """The tool as tools/list shows it."""
@@ -1940,7 +1953,7 @@ _TOOLS = {tool.name: tool for tool in (
           "Claim the next waiting task for your work directory: highest priority, then oldest. "
           "You hold it under a lease until lease_expires_at. Returns {\"task\": null} when "
           "nothing is waiting.",
-          CLAIM_QUERY, _ACQUIRED_SCHEMA, _acquire_by_tool, _ADDITIVE),
+          CLAIM_QUERY, _ACQUIRED_SCHEMA, _acquire_by_tool, _ADDITIVE, _acquire_text),
     _Tool("complete_task", "Complete a task",
           "Report a task you hold as done, with its result. A result status of \"failure\" "
           "counts as a failed attempt.",
@@ -2106,18 +2119,17 @@ def _call_tool(store: TaskStore, gate: _Gate, params: dict, version: str) -> dic
         raise _RpcError(_INVALID_PARAMS, "arguments must be an object")
     try:
         gate.count_request()  # tool calls are what touch the store, so they are what count
-        data = tool.call(store, tool.arguments.clean(arguments))
+        cleaned = tool.arguments.clean(arguments)
+        text_arguments = dict(cleaned)  # the call may take fields out of `cleaned`
+        data = tool.call(store, cleaned)
     except ValidationError as error:
         if version in _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS:
             raise _RpcError(_INVALID_PARAMS, error.message, data=error.details) from None
         return _tool_error(error)
     except OrchestratorError as error:
         return _tool_error(error)
-    text = json.dumps(data)
-    if data == {"task": None}:
-        text = f"No task is waiting in {arguments['work_path']} right now."
-    return {"content": [{"type": "text", "text": text}], "structuredContent": data,
-            "isError": False}
+    return {"content": [{"type": "text", "text": tool.text(data, text_arguments)}],
+            "structuredContent": data, "isError": False}
 
 
 def _tool_error(error: OrchestratorError) -> dict:

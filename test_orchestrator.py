@@ -1696,7 +1696,7 @@ def test_every_tool_works_and_returns_what_rest_returns(client, call_tool, claim
     assert stats["completed_tasks"] == 1 and stats["cancelled_tasks"] == 1
     deleted = call_tool("delete_task", {"task_id": second_id})["structuredContent"]
     assert deleted == {"id": second_id, "deleted": True}
-    empty = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
+    empty = call_tool("acquire_task", {"work_path": "/r//", "worker_id": "w"})
     assert empty["structuredContent"] == {"task": None}
     assert empty["content"][0]["text"] == "No task is waiting in /r right now."
 
