@@ -337,6 +337,82 @@ class RateLimited(OrchestratorError):
 
 
 # ---------------------------------------------------------------------------
+# The task and its life cycle
+#
+#   create --> waiting --claim--> working --complete--> completed
+#                 ^  |               |  \--fail, or lease expired:
+#                 |  |               |       retries left? --> waiting (back of its priority)
+#                 |  |               |       none left     --> failed --retry--> waiting
+#                 |  +---cancel------+--cancel--> cancelled
+# ---------------------------------------------------------------------------
+
+WAITING, WORKING, COMPLETED, FAILED, CANCELLED = (
+    "waiting", "working", "completed", "failed", "cancelled",
+)
+STATUSES = (WAITING, WORKING, COMPLETED, FAILED, CANCELLED)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+PRIORITIES = ("high", "medium", "low")  # claim order
+_PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+
+@dataclass(slots=True)
+class Task:
+    """One prompt for one work directory, and where it stands."""
+
+    id: str
+    work_directory: str
+    prompt: str
+    priority: str
+    tags: list[str]
+    metadata: dict
+    max_retries: int
+    created_at: float
+    updated_at: float
+    status: str = WAITING
+    worker_id: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None  #: when it became completed, failed or cancelled
+    lease_expires_at: float | None = None
+    result: dict | None = None
+    error_message: str | None = None
+    retry_count: int = 0
+    number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
+    #: Its live entry in its directory's queue while waiting; any other entry is stale.
+    queue_entry: tuple | None = field(default=None, repr=False)
+    idempotency_key: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """The task as the API shows it, timestamps in RFC 3339 UTC."""
+        return {
+            "id": self.id,
+            "work_directory": self.work_directory,
+            "prompt": self.prompt,
+            "priority": self.priority,
+            "tags": list(self.tags),
+            "metadata": self.metadata,
+            "status": self.status,
+            "worker_id": self.worker_id,
+            "created_at": _rfc3339(self.created_at),
+            "updated_at": _rfc3339(self.updated_at),
+            "started_at": _rfc3339(self.started_at),
+            "completed_at": _rfc3339(self.completed_at),
+            "lease_expires_at": _rfc3339(self.lease_expires_at),
+            "result": self.result,
+            "error_message": self.error_message,
+            "retry_count": self.retry_count,
+            "max_retries": self.max_retries,
+        }
+
+
+def _rfc3339(timestamp: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
 # Request declarations: each body and query is declared once, validation is
 # derived from the declaration (and, later, the MCP and OpenAPI schemas).
 # ---------------------------------------------------------------------------
@@ -540,13 +616,6 @@ def _unique(items: list) -> list:
     return list(dict.fromkeys(items))
 
 
-WAITING, WORKING, COMPLETED, FAILED, CANCELLED = (
-    "waiting", "working", "completed", "failed", "cancelled",
-)
-STATUSES = (WAITING, WORKING, COMPLETED, FAILED, CANCELLED)
-FINISHED = (COMPLETED, FAILED, CANCELLED)
-PRIORITIES = ("high", "medium", "low")  # claim order
-_PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader holds exactly
 
 WORK_DIRECTORY = Field(
@@ -639,151 +708,9 @@ LIST_QUERY = Schema("ListQuery", (
 ))
 
 
-# What responses carry, as JSON Schema, for MCP output schemas and the OpenAPI
-# document. Fields that a request also sets reuse its declaration.
-
 def _nullable(schema: dict) -> dict:
     """The schema, or null."""
     return {"anyOf": [schema, {"type": "null"}]}
-
-
-_TIMESTAMP = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC."}
-_COUNT = {"type": "integer", "minimum": 0}
-_TASK_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "format": "uuid"},
-        **{f.name: f.json_schema() for f in (WORK_DIRECTORY, PROMPT, TAGS, METADATA)},
-        "priority": {"type": "string", "enum": list(PRIORITIES)},  # stored in lower case
-        "status": {"type": "string", "enum": list(STATUSES)},
-        "worker_id": _nullable(WORKER_ID.json_schema()),
-        "created_at": _TIMESTAMP,
-        "updated_at": _TIMESTAMP,
-        "started_at": _nullable(_TIMESTAMP),
-        "completed_at": _nullable(_TIMESTAMP),
-        "lease_expires_at": _nullable(_TIMESTAMP),
-        "result": _nullable(RESULT.json_schema()),
-        "error_message": {"type": ["string", "null"]},
-        "retry_count": _COUNT,
-        "max_retries": MAX_RETRIES.json_schema(),
-    },
-    "additionalProperties": False,
-}
-_TASK_SCHEMA["required"] = list(_TASK_SCHEMA["properties"])
-_PAGE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "tasks": {"type": "array", "items": _TASK_SCHEMA},
-        "total": _COUNT,
-        "limit": LIST_QUERY.field("limit").json_schema(),
-        "offset": LIST_QUERY.field("offset").json_schema(),
-        "has_more": {"type": "boolean"},
-    },
-    "required": ["tasks", "total", "limit", "offset", "has_more"],
-    "additionalProperties": False,
-}
-_STATISTICS_SCHEMA = {
-    "type": "object",
-    "properties": {
-        **{name: _COUNT for name in (
-            "total_tasks", *(f"{status}_tasks" for status in STATUSES), "active_tasks",
-            "retries_total", "expired_leases_total",
-        )},
-        "success_rate": {"type": "number", "minimum": 0, "maximum": 1},
-        "average_duration_ms": {"type": ["number", "null"], "minimum": 0},
-        "uptime_seconds": {"type": "number", "minimum": 0},
-    },
-    "additionalProperties": False,
-}
-_STATISTICS_SCHEMA["required"] = list(_STATISTICS_SCHEMA["properties"])
-_HEALTH_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "status": {"const": "healthy"},
-        "version": {"type": "string"},
-        "uptime_seconds": {"type": "number", "minimum": 0},
-        "tasks": {
-            "type": "object",
-            "properties": {"total": _COUNT, "waiting": _COUNT, "working": _COUNT},
-            "required": ["total", "waiting", "working"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["status", "version", "uptime_seconds", "tasks"],
-    "additionalProperties": False,
-}
-_DELETED_SCHEMA = {
-    "type": "object",
-    "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
-    "required": ["id", "deleted"],
-    "additionalProperties": False,
-}
-
-# ---------------------------------------------------------------------------
-# The task and its life cycle
-#
-#   create --> waiting --claim--> working --complete--> completed
-#                 ^  |               |  \--fail, or lease expired:
-#                 |  |               |       retries left? --> waiting (back of its priority)
-#                 |  |               |       none left     --> failed --retry--> waiting
-#                 |  +---cancel------+--cancel--> cancelled
-# ---------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class Task:
-    """One prompt for one work directory, and where it stands."""
-
-    id: str
-    work_directory: str
-    prompt: str
-    priority: str
-    tags: list[str]
-    metadata: dict
-    max_retries: int
-    created_at: float
-    updated_at: float
-    status: str = WAITING
-    worker_id: str | None = None
-    started_at: float | None = None
-    completed_at: float | None = None  #: when it became completed, failed or cancelled
-    lease_expires_at: float | None = None
-    result: dict | None = None
-    error_message: str | None = None
-    retry_count: int = 0
-    number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
-    #: Its live entry in its directory's queue while waiting; any other entry is stale.
-    queue_entry: tuple | None = field(default=None, repr=False)
-    idempotency_key: str | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict:
-        """The task as the API shows it, timestamps in RFC 3339 UTC."""
-        return {
-            "id": self.id,
-            "work_directory": self.work_directory,
-            "prompt": self.prompt,
-            "priority": self.priority,
-            "tags": list(self.tags),
-            "metadata": self.metadata,
-            "status": self.status,
-            "worker_id": self.worker_id,
-            "created_at": _rfc3339(self.created_at),
-            "updated_at": _rfc3339(self.updated_at),
-            "started_at": _rfc3339(self.started_at),
-            "completed_at": _rfc3339(self.completed_at),
-            "lease_expires_at": _rfc3339(self.lease_expires_at),
-            "result": self.result,
-            "error_message": self.error_message,
-            "retry_count": self.retry_count,
-            "max_retries": self.max_retries,
-        }
-
-
-def _rfc3339(timestamp: float | None) -> str | None:
-    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------------
@@ -1811,6 +1738,85 @@ _ROUTES = (
     _Route("GET", "/api/v1/statistics", _statistics, {"$ref": "#/components/schemas/Statistics"}),
     _Route("GET", "/health", _health, {"$ref": "#/components/schemas/Health"}),
 )
+
+
+# ---------------------------------------------------------------------------
+# Response schemas: what responses carry, as JSON Schema, for the MCP tools'
+# output schemas and the OpenAPI document. Fields that a request also sets
+# reuse its declaration.
+# ---------------------------------------------------------------------------
+
+_TIMESTAMP = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC."}
+_COUNT = {"type": "integer", "minimum": 0}
+_TASK_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        **{f.name: f.json_schema() for f in (WORK_DIRECTORY, PROMPT, TAGS, METADATA)},
+        "priority": {"type": "string", "enum": list(PRIORITIES)},  # stored in lower case
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "worker_id": _nullable(WORKER_ID.json_schema()),
+        "created_at": _TIMESTAMP,
+        "updated_at": _TIMESTAMP,
+        "started_at": _nullable(_TIMESTAMP),
+        "completed_at": _nullable(_TIMESTAMP),
+        "lease_expires_at": _nullable(_TIMESTAMP),
+        "result": _nullable(RESULT.json_schema()),
+        "error_message": {"type": ["string", "null"]},
+        "retry_count": _COUNT,
+        "max_retries": MAX_RETRIES.json_schema(),
+    },
+    "additionalProperties": False,
+}
+_TASK_SCHEMA["required"] = list(_TASK_SCHEMA["properties"])
+_PAGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tasks": {"type": "array", "items": _TASK_SCHEMA},
+        "total": _COUNT,
+        "limit": LIST_QUERY.field("limit").json_schema(),
+        "offset": LIST_QUERY.field("offset").json_schema(),
+        "has_more": {"type": "boolean"},
+    },
+    "required": ["tasks", "total", "limit", "offset", "has_more"],
+    "additionalProperties": False,
+}
+_STATISTICS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        **{name: _COUNT for name in (
+            "total_tasks", *(f"{status}_tasks" for status in STATUSES), "active_tasks",
+            "retries_total", "expired_leases_total",
+        )},
+        "success_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "average_duration_ms": {"type": ["number", "null"], "minimum": 0},
+        "uptime_seconds": {"type": "number", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+_STATISTICS_SCHEMA["required"] = list(_STATISTICS_SCHEMA["properties"])
+_HEALTH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "status": {"const": "healthy"},
+        "version": {"type": "string"},
+        "uptime_seconds": {"type": "number", "minimum": 0},
+        "tasks": {
+            "type": "object",
+            "properties": {"total": _COUNT, "waiting": _COUNT, "working": _COUNT},
+            "required": ["total", "waiting", "working"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["status", "version", "uptime_seconds", "tasks"],
+    "additionalProperties": False,
+}
+_DELETED_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
+    "required": ["id", "deleted"],
+    "additionalProperties": False,
+}
 
 
 # ---------------------------------------------------------------------------
