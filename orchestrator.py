@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import bottle
 import waitress
@@ -146,6 +146,29 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of host names, each with an optional :port."""
+    hosts = tuple(part.strip().lower() for part in raw.split(","))
+    if not all(_HOST_PATTERN.fullmatch(host) and _host_port(host)[1] != 0 for host in hosts):
+        raise ValueError("comma-separated host names, each with an optional :port, "
+                         "like box.lan,box.lan:8080")
+    return hosts
+
+
+#: A host name, an IPv4 address or a bracketed IPv6 one, then an optional port.
+_HOST_PATTERN = re.compile(
+    r"(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?)"
+    r"(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _host_port(host: str) -> tuple[str, int | None]:
+    """A Host header split into its lower-case name and its port (None when absent)."""
+    name, colon, port = host.rpartition(":")
+    if not colon or name.count(":") and not name.endswith("]"):
+        return host.lower(), None  # no port, or a bare IPv6 address
+    return name.lower(), int(port) if port.isdigit() and int(port) <= 65535 else 0
+
+
 def _origin_key(origin: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an origin, default ports filled in; None when malformed."""
     try:
@@ -179,6 +202,7 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
     ("APP_SECURITY_API_KEY", "api_key", _text),
     ("APP_SECURITY_ALLOWED_ORIGINS", "allowed_origins", _origins),
+    ("APP_SECURITY_ALLOWED_HOSTS", "allowed_hosts", _hosts),
     ("APP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     ("APP_LOG_FORMAT", "log_format", _choice("pretty", "json")),
 )
@@ -199,6 +223,7 @@ class Config:
     rate_limit: int = 1000
     api_key: str | None = field(default=None, repr=False)  # never printed
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "pretty"
 
@@ -381,6 +406,12 @@ class Task:
     queue_entry: tuple | None = field(default=None, repr=False)
     idempotency_key: str | None = field(default=None, repr=False)
 
+    def snapshot(self) -> Task:
+        """A copy that shares nothing mutable with this task, to hand out of the store."""
+        return dataclasses.replace(self, tags=list(self.tags),
+                                   metadata=copy.deepcopy(self.metadata),
+                                   result=copy.deepcopy(self.result))
+
     def to_dict(self) -> dict:
         """The task as the API shows it, timestamps in RFC 3339 UTC."""
         return {
@@ -516,19 +547,19 @@ class Field:
             raise _invalid(path, f"must be at most {self.maximum}")
 
     def _clean_items(self, value: list, path: str) -> list:
-        """The array's length, then each item against `items`."""
+        """The array's length, then each item against `items`; a copy the caller cannot change."""
         if self.max_items is not None and len(value) > self.max_items:
             raise _invalid(path, f"must have at most {self.max_items} items")
         if self.items is None:
-            return value
+            return copy.deepcopy(value)
         return [self.items.clean(item, f"{path}[{index}]") for index, item in enumerate(value)]
 
     def _clean_object(self, value: dict, path: str) -> dict:
-        """The object's nesting depth, then its declared fields."""
+        """The object's nesting depth, then its declared fields; a copy the caller cannot change."""
         if self.max_depth is not None and _nesting_exceeds(value, self.max_depth):
             raise _invalid(path, f"must not nest deeper than {self.max_depth} levels")
         if self.schema is None:
-            return value
+            return copy.deepcopy(value)
         return self.schema.clean(value, prefix=path + ".")
 
 
@@ -739,7 +770,8 @@ class _PrettyFormatter(logging.Formatter):
         pairs = "".join(
             f" {key}={_quote(value)}" for key, value in _fields(record).items() if value is not None
         )
-        line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.getMessage()}{pairs}"
+        message = _escape_controls(record.getMessage())
+        line = f"{_rfc3339(record.created)} {record.levelname:<7} {message}{pairs}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -761,9 +793,23 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _quote(value: object) -> str:
-    """A log value bare when it reads unambiguously, else as a JSON string."""
+    """A log value bare when it reads unambiguously, else as a JSON string, controls escaped."""
     text = str(value)
-    return text if re.fullmatch(r"[^\s\"=]+", text) else json.dumps(text, ensure_ascii=False)
+    if _BARE_VALUE.fullmatch(text):
+        return text
+    return _escape_controls(json.dumps(text, ensure_ascii=False))
+
+
+#: Characters that could move a terminal's cursor, start an escape sequence or end
+#: a line: C0, DEL, C1 and the Unicode line and paragraph separators. Request
+#: values reach the log, so these are always escaped: one event, one line of text.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def _escape_controls(text: str) -> str:
+    """The text with every control character written as a \\uXXXX escape."""
+    return _CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def _configure_logging(config: Config) -> None:
@@ -898,8 +944,9 @@ class TaskStore:
             if idempotency_key in self._idempotency:
                 task_id, seen = self._idempotency[idempotency_key]
                 if seen != fingerprint:
-                    raise Conflict("Idempotency-Key was already used with a different body")
-                return copy.copy(self._tasks[task_id]), False
+                    raise Conflict("Idempotency-Key was already used with a different body",
+                                   task_id=task_id)
+                return self._tasks[task_id].snapshot(), False
             task = Task(
                 id=str(uuid.uuid4()),
                 max_retries=values.pop("max_retries", self.max_retries),
@@ -915,7 +962,7 @@ class TaskStore:
             if idempotency_key is not None:
                 self._idempotency[idempotency_key] = (task.id, fingerprint)
             events.append(_event("created", task, prompt=_shorten(task.prompt)))
-            return copy.copy(task), True
+            return task.snapshot(), True
 
     def claim(self, work_path: str, worker_id: str, wait: float = 0) -> Task | None:
         """Hand the next waiting task of a directory to a worker, or None when none waits.
@@ -936,7 +983,7 @@ class TaskStore:
             task.started_at = now
             self._lease(task, now)
             events.append(_event("claimed", task))
-            return copy.copy(task)
+            return task.snapshot()
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
@@ -953,7 +1000,7 @@ class TaskStore:
             else:
                 self._finish(task, COMPLETED, now)
                 events.append(_event("completed", task))
-            return copy.copy(task)
+            return task.snapshot()
 
     def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Record the holder's failure: re-queued while retries are left, else failed."""
@@ -961,7 +1008,7 @@ class TaskStore:
         with self._transaction() as (now, events):
             task = self._held(task_id, values.get("worker_id"))
             self._fail(task, values["error"], values["retry"], now, events)
-            return copy.copy(task)
+            return task.snapshot()
 
     def heartbeat(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Extend the holder's lease to a full task timeout from now."""
@@ -970,7 +1017,7 @@ class TaskStore:
             task = self._held(task_id, values["worker_id"])
             self._lease(task, now)
             task.updated_at = now
-            return copy.copy(task)
+            return task.snapshot()
 
     def cancel(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Stop a waiting or working task for good; the reason goes to error_message."""
@@ -984,19 +1031,24 @@ class TaskStore:
                 task.error_message = values["reason"]
             self._finish(task, CANCELLED, now)
             events.append(_event("cancelled", task))
-            return copy.copy(task)
+            return task.snapshot()
 
     def retry(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
-        """Put a failed task back in the queue, even past max_retries: a person decided."""
+        """Put a failed or cancelled task back in the queue, even past max_retries: a person decided.
+
+        Retrying a failure counts as a retry; bringing back a cancelled task does
+        not, since no attempt failed.
+        """
         TASK_RETRY.clean(fields or {})
         with self._transaction() as (now, events):
             task = self._find(task_id)
-            self._require(task, (FAILED,), "retry")
-            task.retry_count += 1
-            self._retries_total += 1
+            self._require(task, (FAILED, CANCELLED), "retry")
+            if task.status == FAILED:
+                task.retry_count += 1
+                self._retries_total += 1
             self._requeue(task, now)
             events.append(_event("re-queued", task))
-            return copy.copy(task)
+            return task.snapshot()
 
     def stop_waiting(self) -> None:
         """Wake every waiting claim, and make later ones answer at once: for shutdown."""
@@ -1007,7 +1059,7 @@ class TaskStore:
     def get(self, task_id: str) -> Task:
         """The task with that id."""
         with self._transaction():
-            return copy.copy(self._find(task_id))
+            return self._find(task_id).snapshot()
 
     def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Change a waiting task's fields; a new priority or directory keeps its place in time."""
@@ -1025,7 +1077,7 @@ class TaskStore:
                 self._enqueue(task, seq)
             task.updated_at = now
             events.append(_event("updated", task))
-            return copy.copy(task)
+            return task.snapshot()
 
     def delete(self, task_id: str) -> None:
         """Remove a task in any state."""
@@ -1055,7 +1107,7 @@ class TaskStore:
                 page = matching[offset:offset + limit]
             else:
                 page = list(itertools.islice(newest, offset, offset + limit))
-            tasks = [copy.copy(task) for task in page]
+            tasks = [task.snapshot() for task in page]
         return {
             "tasks": tasks,
             "total": total,
@@ -1398,7 +1450,19 @@ def _envelope(data: object = None, error: OrchestratorError | None = None) -> by
         },
         "timestamp": _rfc3339(time.time()),
     }
-    return json.dumps(body).encode()
+    return _utf8_json(body)
+
+
+def _utf8_json(value: object) -> bytes:
+    """JSON in UTF-8 with non-ASCII text as itself, so a prompt in any language reads as such.
+
+    Text that is not valid Unicode (a lone surrogate inside metadata) cannot be
+    UTF-8; then the whole body falls back to ASCII escapes, which JSON allows.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()
 
 
 def _error_envelope(error: OrchestratorError) -> bytes:
@@ -1456,30 +1520,63 @@ def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
 
 
 class _Gate:
-    """What a request must pass before its handler runs: origin, rate limit, API key, body size."""
+    """What a request must pass before its handler runs: host, origin, rate limit, API key,
+    body size."""
 
     def __init__(self, config: Config) -> None:
         self.api_key = config.api_key
         self.max_body = config.max_body
         self.allowed_origins = {_origin_key(origin) for origin in config.allowed_origins}
+        self.allowed_hosts = {_host_port(host) for host in config.allowed_hosts}
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.loopback_only = _is_loopback(config.host)
+        #: A loopback server always checks Host; one bound further out only when told
+        #: which names are its own.
+        self.checks_host = self.loopback_only or bool(config.allowed_hosts)
 
     def admit(self) -> None:
         """Raise the error that refuses the current request, if any."""
+        self._check_host()
         if request.path.startswith("/api/"):
-            self._check_origin()
+            self._check_browser()
             self.count_request()
             self._check_api_key()
         elif request.path == "/mcp":
             # Its rate limit counts tool calls (in the MCP section), and key guesses here.
-            self._check_origin()
+            self._check_browser()
             try:
                 self._check_api_key()
             except Unauthorized:
                 self.count_request()
                 raise
         self._check_body_size()
+
+    def _check_host(self) -> None:
+        """DNS rebinding: a page whose name now resolves to us sends that name as Host.
+
+        A browser sends no Origin with a same-origin GET, so only the Host shows
+        it. A request with no Host at all (HTTP/1.0) is no browser's, and passes.
+        """
+        host = _header("Host")
+        if not self.checks_host or host is None:
+            return
+        name, port = _host_port(host)
+        if _is_loopback(name) and port != 0:
+            return
+        if (name, None) in self.allowed_hosts or (name, port) in self.allowed_hosts:
+            return
+        raise Forbidden(f"host {_shorten(host)} is not allowed; "
+                        "add it to APP_SECURITY_ALLOWED_HOSTS if it is this server's name")
+
+    def _check_browser(self) -> None:
+        """A browser page from another site must not reach the queue, with or without Origin."""
+        self._check_origin()
+        site = _header("Sec-Fetch-Site")
+        # An <img> or a link sends no Origin on a GET, but says where it comes from.
+        if site in ("cross-site", "same-site") and (
+            _origin_key(_header("Origin") or "") not in self.allowed_origins
+        ):
+            raise Forbidden(f"a {site} request from a browser needs an allowed Origin")
 
     def _check_origin(self) -> None:
         """A browser page from a foreign origin must not reach the queue."""
@@ -1575,15 +1672,31 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _query_pairs() -> Iterator[tuple[str, str]]:
+    """The query string's (name, value) pairs, decoded as UTF-8; ValidationError naming a bad one.
+
+    WSGI hands the query over as Latin-1 text; its bytes, %-escapes undone, are UTF-8.
+    """
+    raw = request.environ.get("QUERY_STRING", "").encode("latin-1")
+    for pair in raw.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        name, value = (unquote_to_bytes(part.replace(b"+", b" ")) for part in (name, value))
+        try:
+            name = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationError("query parameter names must be valid UTF-8") from None
+        try:
+            yield name, value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _invalid(name, "must be valid UTF-8") from None
+
+
 def _query(schema: Schema) -> dict:
     """The query string checked against its declaration, integers converted."""
-    try:
-        pairs = parse_qsl(request.environ.get("QUERY_STRING", ""),
-                          keep_blank_values=True, errors="strict")
-    except UnicodeDecodeError:
-        raise ValidationError("query string is not valid UTF-8") from None
     query: dict[str, object] = {}
-    for name, value in pairs:
+    for name, value in _query_pairs():
         if name in query:
             raise _invalid(name, "must be given at most once")
         declared = schema.field(name)
@@ -1888,14 +2001,14 @@ _DESTRUCTIVE = {**_ADDITIVE, "destructiveHint": True, "idempotentHint": True}
 
 def _json_text(data: object, arguments: dict) -> str:
     """A tool result's text: its data as JSON."""
-    return json.dumps(data)
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _acquire_text(data: dict, arguments: dict) -> str:
     """acquire_task's text says plainly when nothing was waiting."""
     if data["task"] is None:
         return f"No task is waiting in {arguments['work_path']} right now."
-    return json.dumps(data)
+    return json.dumps(data, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2168,7 +2281,7 @@ def _render_rpc(message: dict | None) -> bytes:
     if message is None:
         return b""
     response.content_type = "application/json"
-    return json.dumps(message).encode()
+    return _utf8_json(message)
 
 
 def _render_rpc_refusal(error: OrchestratorError) -> bytes:
@@ -2408,7 +2521,7 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     for route in _ROUTES:
         handler = functools.partial(_call_route, route, store)
         app.route(_bottle_rule(route.path), route.method, functools.partial(_serve, gate, handler))
-    document = json.dumps(_openapi_document()).encode()
+    document = _utf8_json(_openapi_document())
     app.route("/openapi.json", "GET",
               functools.partial(_serve, gate, lambda: document, _render_document))
     mcp = functools.partial(_answer_mcp, store, gate)
@@ -2435,6 +2548,9 @@ class _WakeWaitersOnClose:
         self.store.stop_waiting()
 
 
+_WAITRESS_BODY_FACTOR = 4
+
+
 class _Server:
     """A waitress server that runs in the calling thread until stop() is called."""
 
@@ -2449,8 +2565,11 @@ class _Server:
             port=config.port,
             threads=config.threads,
             channel_timeout=config.timeout,
-            # Waitress refuses a body as large as its limit; ours admits one that size.
-            max_request_body_size=config.max_body + 1,
+            # Waitress reads a body before the app runs, and answers a larger one with
+            # plain text, often while the client is still sending (a broken pipe).
+            # So it takes up to four times our limit, and the gate refuses that with
+            # the envelope; only beyond it does waitress's own 413 answer.
+            max_request_body_size=_WAITRESS_BODY_FACTOR * config.max_body + 1,
             ident="simple-task-orchestrator",
         )
         listening = getattr(self._waitress, "effective_listen", None) or [

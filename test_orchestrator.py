@@ -1,6 +1,7 @@
 """Tests for orchestrator.py: the store, the REST API, the gate, configuration and serving."""
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 import wsgiref.util
@@ -282,10 +284,12 @@ def test_idempotency_key_returns_first_task_with_200(client, store):
 
 def test_idempotency_key_with_a_different_body_conflicts(client, store):
     headers = {"Idempotency-Key": "req-1"}
-    client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "a"}, headers=headers)
+    first = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "a"},
+                             headers=headers).json["data"]
     res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "b"},
                            headers=headers, status=409)
     assert res.json["error"]["code"] == "CONFLICT"
+    assert res.json["error"]["details"]["task_id"] == first["id"]
     assert store.statistics()["total_tasks"] == 1
 
 
@@ -369,6 +373,28 @@ def test_claim_rejects_a_bad_query_naming_the_parameter(client, make_task, store
     res = client.get("/api/v1/tasks/next", query, status=400)
     assert field in res.json["error"]["message"]
     assert store.statistics()["waiting_tasks"] == 1
+
+
+@pytest.mark.parametrize("query", ["work_path=/r%FF&worker_id=w", "work_path=/r&worker_id=%C3"])
+def test_a_query_value_that_is_not_utf8_is_a_400_naming_the_parameter(client, make_task, store,
+                                                                       query):
+    make_task(work_directory="/r")
+    res = client.get("/api/v1/tasks/next?" + query, status=400)
+    name = "work_path" if "%FF" in query else "worker_id"
+    assert res.json["error"]["message"] == f"{name}: must be valid UTF-8"
+    assert res.json["error"]["details"]["field"] == name
+    assert store.statistics()["waiting_tasks"] == 1
+
+
+def test_a_query_name_that_is_not_utf8_is_a_400(client):
+    res = client.get("/api/v1/tasks?%FF=1", status=400)
+    assert "UTF-8" in res.json["error"]["message"]
+
+
+def test_a_percent_encoded_utf8_query_value_is_decoded(client, make_task):
+    make_task(work_directory="/caf\u00e9")
+    task = client.get("/api/v1/tasks/next?work_path=/caf%C3%A9&worker_id=w").json["data"]
+    assert task["work_directory"] == "/caf\u00e9"
 
 
 def test_repeated_query_parameter_is_rejected(client):
@@ -600,13 +626,27 @@ def test_manual_retry_requeues_a_failed_task_past_max_retries(client, make_task,
     assert claim()["id"] == held["id"]
 
 
-@pytest.mark.parametrize("setup", ["waiting", "cancelled"])
-def test_retry_of_a_task_that_has_not_failed_conflicts(client, make_task, setup):
+@pytest.mark.parametrize("setup", ["waiting", "working", "completed"])
+def test_retry_of_a_task_that_has_not_failed_or_been_cancelled_conflicts(client, make_task, claim,
+                                                                        store, setup):
     task = make_task()
-    if setup == "cancelled":
-        client.post(task_url(task, "cancel"))
+    if setup != "waiting":
+        claim()
+    if setup == "completed":
+        client.post(task_url(task, "complete"))
     res = client.post(task_url(task, "retry"), status=409)
-    assert "can only retry a failed task" in res.json["error"]["message"]
+    assert "can only retry a failed or cancelled task" in res.json["error"]["message"]
+    assert store.get(task["id"]).status == setup
+
+
+def test_retry_brings_back_a_cancelled_task_without_counting_a_retry(client, make_task, claim):
+    task = make_task()
+    client.post_json(task_url(task, "cancel"), {"reason": "not now"})
+    again = client.post(task_url(task, "retry")).json["data"]
+    assert again["status"] == "waiting" and again["retry_count"] == 0
+    assert again["completed_at"] is None
+    assert claim()["id"] == task["id"]
+    assert statistics(client)["retries_total"] == 0
 
 
 def test_retry_rejects_a_body_with_fields(client, make_task):
@@ -856,6 +896,40 @@ def test_store_returns_copies_that_later_changes_do_not_touch(store):
     assert task.status == "waiting"
 
 
+def test_changing_a_returned_task_does_not_change_the_store(store):
+    created, _ = store.create({"work_directory": "/r", "prompt": "p", "tags": ["a"],
+                               "metadata": {"deep": {"list": [1]}}})
+    created.tags.append("sneaked")
+    created.metadata["deep"]["list"].append(2)
+    store.claim("/r", "w")
+    done = store.complete(created.id, {"result": {"output": "ok", "metadata": {"k": [1]}}})
+    done.result["metadata"]["k"].append(2)
+    done.result["output"] = "changed"
+    for listed in store.list()["tasks"]:
+        listed.tags.append("again")
+    stored = store.get(created.id)
+    assert stored.tags == ["a"] and stored.metadata == {"deep": {"list": [1]}}
+    assert stored.result["metadata"] == {"k": [1]} and stored.result["output"] == "ok"
+
+
+def test_changing_what_was_passed_in_does_not_change_the_store(store):
+    fields = {"work_directory": "/r", "prompt": "p", "tags": ["a"], "metadata": {"deep": [1]}}
+    task, _ = store.create(fields)
+    fields["tags"].append("b")
+    fields["metadata"]["deep"].append(2)
+    update = {"metadata": {"new": [1]}, "tags": ["x"]}
+    store.update(task.id, update)
+    update["metadata"]["new"].append(2)
+    update["tags"].append("y")
+    store.claim("/r", "w")
+    result = {"output": "ok", "metadata": {"m": [1]}}
+    store.complete(task.id, {"result": result})
+    result["metadata"]["m"].append(2)
+    stored = store.get(task.id)
+    assert stored.tags == ["x"] and stored.metadata == {"new": [1]}
+    assert stored.result["metadata"] == {"m": [1]}
+
+
 # ---------------------------------------------------------------------------
 # The envelope, routing errors and the 500
 # ---------------------------------------------------------------------------
@@ -891,6 +965,28 @@ def test_unexpected_error_is_a_generic_500_logged_with_traceback(client, store, 
                                  "details": {}}
     assert "secret" not in res.text
     assert "secret internals" in caplog.text and "Traceback" in caplog.text
+
+
+def test_json_responses_are_utf8_not_ascii_escapes(client, make_task):
+    prompt = "\u4fee\u590d caf\u00e9 \u2014 na\u00efve"
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": prompt})
+    assert prompt.encode() in res.body and b"\\u" not in res.body
+    assert res.json["data"]["prompt"] == prompt
+
+
+def test_mcp_texts_are_utf8_not_ascii_escapes(rpc):
+    prompt = "\u4fee\u590d caf\u00e9"
+    res = rpc("tools/call", {"name": "create_task",
+                             "arguments": {"work_directory": "/r", "prompt": prompt}})
+    assert prompt.encode() in res.body
+    assert prompt in res.json["result"]["content"][0]["text"]
+
+
+def test_a_lone_surrogate_in_metadata_still_answers_valid_json(client):
+    body = b'{"work_directory": "/r", "prompt": "p", "metadata": {"k": "\\ud800"}}'
+    res = client.post("/api/v1/tasks", body, content_type="application/json", status=201)
+    assert res.json["data"]["metadata"] == {"k": "\ud800"}
+    res.body.decode("utf-8")  # strict: valid UTF-8
 
 
 def test_health_reports_status_version_and_queue(client, make_task):
@@ -1004,6 +1100,116 @@ def test_own_and_allowed_origins_pass(store):
     for origin in ("http://localhost", "http://localhost:80", "https://ui.example:8443"):
         res = client.get("/api/v1/tasks", headers={"Origin": origin}, status=200)
         assert "Access-Control-Allow-Origin" not in res.headers
+
+
+# -- the Host rule and Sec-Fetch-Site: no web page reads or claims the queue ---
+
+REBINDING_HOSTS = ["evil.example:8080", "evil.example", "127.0.0.1.evil.example",
+                   "localhost.evil.example:80", "[::2]:8080"]
+
+
+@pytest.mark.parametrize("host", REBINDING_HOSTS)
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/v1/tasks"), ("GET", "/api/v1/tasks/next?work_path=/repo&worker_id=x"),
+    ("GET", "/health"), ("GET", "/openapi.json"), ("POST", "/mcp"), ("GET", "/no/such/path"),
+])
+def test_a_rebinding_host_is_refused_on_every_route(client, make_task, store, host, method,
+                                                    path):
+    make_task(work_directory="/repo")
+    res = client.request(path, method=method, headers={"Host": host}, status=403,
+                         body=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
+                         if method == "POST" else b"",
+                         content_type="application/json" if method == "POST" else None)
+    assert host.split(":")[0].strip("[]") in res.text
+    assert "fix the bug" not in res.text
+    assert store.list({"status": "waiting"})["total"] == 1  # nothing was claimed
+
+
+def test_the_host_rule_comes_before_the_api_key(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, api_key="s3cret"), store))
+    res = client.get("/api/v1/tasks", headers={"Host": "evil.example"}, status=403)
+    assert res.json["error"]["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080",
+                                  "LOCALHOST:9", "127.0.0.1"])
+def test_loopback_hosts_are_served(client, host):
+    client.get("/api/v1/tasks", headers={"Host": host}, status=200)
+
+
+def test_a_request_without_a_host_is_served(app, store):
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/statistics",
+               "SERVER_PROTOCOL": "HTTP/1.0"}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.pop("HTTP_HOST", None)
+    answer = {}
+    app(environ, lambda status, headers, exc_info=None: answer.update(status=status))
+    assert answer["status"].startswith("200")
+
+
+@pytest.mark.parametrize("allowed, host, status", [
+    ("box.lan", "box.lan:8080", 200),
+    ("box.lan", "BOX.LAN", 200),
+    ("box.lan:8080", "box.lan:8080", 200),
+    ("box.lan:8080", "box.lan:9090", 403),
+    ("box.lan, other.lan", "other.lan", 200),
+    ("box.lan", "evil.example", 403),
+    ("box.lan", "localhost:8080", 200),  # loopback names stay allowed
+])
+def test_allowed_hosts_extend_the_loopback_names(store, allowed, host, status):
+    config = Config.from_env({"APP_SECURITY_ALLOWED_HOSTS": allowed, "APP_SECURITY_RATE_LIMIT": "0"})
+    client = webtest.TestApp(create_app(config, store))
+    client.get("/api/v1/tasks", headers={"Host": host}, status=status)
+
+
+def test_a_server_bound_beyond_loopback_checks_hosts_only_when_some_are_listed(store):
+    open_config = Config(rate_limit=0, host="0.0.0.0")
+    webtest.TestApp(create_app(open_config, store)).get(
+        "/api/v1/tasks", headers={"Host": "anything.example"}, status=200)
+    listed = dataclasses.replace(open_config, allowed_hosts=("box.lan",))
+    client = webtest.TestApp(create_app(listed, store))
+    client.get("/api/v1/tasks", headers={"Host": "box.lan"}, status=200)
+    client.get("/api/v1/tasks", headers={"Host": "anything.example"}, status=403)
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+@pytest.mark.parametrize("path", ["/api/v1/tasks/next?work_path=/repo&worker_id=x",
+                                  "/api/v1/tasks"])
+def test_a_cross_site_browser_request_without_an_allowed_origin_is_refused(
+        client, make_task, store, site, path):
+    make_task(work_directory="/repo")
+    res = client.get(path, headers={"Sec-Fetch-Site": site}, status=403)
+    assert res.json["error"]["code"] == "FORBIDDEN" and site in res.json["error"]["message"]
+    assert store.list({"status": "waiting"})["total"] == 1
+
+
+def test_a_cross_site_mcp_call_is_refused(client, store):
+    client.post_json("/mcp", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                     headers={"Sec-Fetch-Site": "cross-site"}, status=403)
+
+
+def test_a_cross_site_request_from_an_allowed_origin_passes(store):
+    config = Config(rate_limit=0, allowed_origins=("https://ui.example",))
+    client = webtest.TestApp(create_app(config, store))
+    client.get("/api/v1/tasks", headers={"Sec-Fetch-Site": "cross-site",
+                                         "Origin": "https://ui.example"}, status=200)
+
+
+@pytest.mark.parametrize("site", ["same-origin", "none", None])
+def test_same_origin_and_non_browser_requests_pass(client, make_task, site):
+    make_task(work_directory="/repo")
+    headers = {"Sec-Fetch-Site": site} if site else {}
+    task = client.get("/api/v1/tasks/next", {"work_path": "/repo", "worker_id": "x"},
+                      headers=headers, status=200).json["data"]
+    assert task["status"] == "working"
+
+
+@pytest.mark.parametrize("value", ["evil example", "http://box.lan", "box.lan:99999", "box.lan:",
+                                   "a/b", ","])
+def test_a_bad_allowed_hosts_setting_names_it(value):
+    with pytest.raises(ConfigError, match="APP_SECURITY_ALLOWED_HOSTS"):
+        Config.from_env({"APP_SECURITY_ALLOWED_HOSTS": value})
+
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
@@ -1245,6 +1451,52 @@ def test_each_transition_is_logged_with_task_directory_and_worker(client, make_t
     assert len(events[0].prompt) == 80
 
 
+CONTROL_CHARACTERS = {
+    "escape sequences": "\u001b[31mRED\u001b]0;pwned\u0007",
+    "NUL": "a\u0000b",
+    "carriage return": "real\rforged",
+    "newline": "one\n2026-01-01T00:00:00.000Z INFO    forged line",
+    "DEL": "a\u007fb",
+    "C1 (CSI)": "a\u009b31mb\u0085c",
+    "line and paragraph separators": "a\u2028b\u2029c",
+}
+
+
+@pytest.mark.parametrize("text", CONTROL_CHARACTERS.values(), ids=CONTROL_CHARACTERS.keys())
+def test_pretty_logs_escape_control_characters_from_requests(client, caplog, text):
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": text,
+                                           "tags": [text.replace("\n", " ")]})
+        worker_id = "w" + "".join(c for c in text if c >= " " and c != "\u007f")  # its rule
+        task = client.get("/api/v1/tasks/next", {"work_path": "/r", "worker_id": worker_id}
+                          ).json["data"]
+        client.post_json(task_url(task, "fail"), {"error": text})
+        client.get("/api/v1/tasks/" + urllib.parse.quote(text), status=404)
+    formatter = orchestrator._PrettyFormatter()
+    lines = [formatter.format(record) for record in caplog.records]
+    assert len(lines) >= 4
+    for line in lines:
+        assert line.isprintable(), repr(line)  # no control character, one line per event
+
+
+@pytest.mark.parametrize("text", CONTROL_CHARACTERS.values(), ids=CONTROL_CHARACTERS.keys())
+def test_json_logs_stay_one_json_object_per_line(client, caplog, text):
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": text})
+    formatter = orchestrator._JsonFormatter()
+    for record in caplog.records:
+        line = formatter.format(record)
+        assert "\n" not in line and line.isprintable()
+        assert json.loads(line)["msg"]
+
+
+def test_pretty_logs_keep_plain_values_bare_and_printable_unicode_as_is():
+    record = logging.makeLogRecord({"msg": "task created", "levelname": "INFO",
+                                    "work_directory": "/home/me/caf\u00e9", "prompt": "fix it"})
+    line = orchestrator._PrettyFormatter().format(record)
+    assert "work_directory=/home/me/caf\u00e9" in line and 'prompt="fix it"' in line
+
+
 def test_the_api_key_is_never_logged(keyed_client, caplog):
     with caplog.at_level(logging.DEBUG):
         keyed_client.get("/api/v1/tasks", headers={"Authorization": "Bearer s3cret"})
@@ -1281,15 +1533,15 @@ def raw_exchange(url, request_bytes):
 def post_raw(url, body, headers=b""):
     """POST /api/v1/tasks over a fresh connection; return (status line, body)."""
     answer = raw_exchange(url, (
-        b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Connection: close\r\n" + headers + b"\r\n" + body
     ))
     head, _, payload = answer.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0], payload
 
 
-def test_over_a_socket_a_declared_oversized_body_is_refused_before_it_is_sent(live_url,
-                                                                              live_store):
+def test_over_a_socket_a_body_beyond_four_times_the_limit_is_refused_at_the_headers(
+        live_url, live_store):
     status, _ = post_raw(live_url, b"", b"Content-Length: 999999\r\n")
     assert status.startswith(b"HTTP/1.1 413")  # waitress's own answer, at the headers
     assert live_store.statistics()["total_tasks"] == 0
@@ -1303,10 +1555,52 @@ def test_over_a_socket_a_body_of_exactly_the_limit_is_accepted(live_url, live_st
     assert live_store.statistics()["total_tasks"] == 1
 
 
+def get_raw(url, path, host=b"localhost"):
+    """GET over a fresh connection, HTTP/1.0 when host is None; return (status line, body)."""
+    if host is None:
+        head = f"GET {path} HTTP/1.0\r\n\r\n".encode()
+    else:
+        head = f"GET {path} HTTP/1.1\r\nConnection: close\r\n".encode() + b"Host: " + host + b"\r\n\r\n"
+    answer = raw_exchange(url, head)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], payload
+
+
+def test_over_a_socket_a_rebinding_host_is_refused(live_url, live_store):
+    live_store.create({"work_directory": "/repo", "prompt": "secret plan"})
+    status, payload = get_raw(live_url, "/api/v1/tasks", host=b"evil.example:8080")
+    assert status.startswith(b"HTTP/1.1 403") and b"secret plan" not in payload
+    status, payload = get_raw(live_url, "/api/v1/tasks", host=None)  # HTTP/1.0, no Host
+    assert status.startswith(b"HTTP/1.0 200") or status.startswith(b"HTTP/1.1 200")
+    assert b"secret plan" in payload
+
+
+@pytest.mark.parametrize("size", [1001, 2000, 4000])
+def test_over_a_socket_a_body_up_to_four_times_the_limit_gets_the_413_envelope(live_url,
+                                                                              live_store, size):
+    status, payload = post_raw(live_url, b"x" * size, f"Content-Length: {size}\r\n".encode())
+    assert status.startswith(b"HTTP/1.1 413")
+    error = json.loads(payload)["error"]
+    assert error["code"] == "PAYLOAD_TOO_LARGE" and "1000" in error["message"]
+    assert error["details"]["limit"] == 1000
+    assert live_store.statistics()["total_tasks"] == 0
+
+
+def test_over_a_socket_an_oversized_mcp_body_gets_a_json_rpc_error(live_url):
+    body = b"x" * 3000
+    answer = raw_exchange(live_url, (
+        b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: 3000\r\n\r\n" + body))
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    message = json.loads(payload)
+    assert message["jsonrpc"] == "2.0" and message["error"]["data"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert "1000" in message["error"]["message"]
+
 def test_a_chunked_body_over_the_limit_is_refused_by_waitress(live_url, live_store):
     chunk = b"x" * 2000
     answer = raw_exchange(live_url, (
-        b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
     ))
