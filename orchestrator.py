@@ -21,9 +21,10 @@ Embed it in tests:
     with running_server() as url:
         ...                                  # talk HTTP to url
 
-Sections, in dependency order: configuration, errors, request declarations, the
-task, logging, the store, the rate limiter, HTTP, MCP, the OpenAPI document,
-serving and the command line (with the stdio relay and the worker).
+Sections, in dependency order: configuration, errors, the task and its life
+cycle, request declarations, logging, the store, the rate limiter, HTTP (the
+gate, the handlers, the route table), response schemas, MCP, the OpenAPI
+document, serving and the command line (with the stdio relay and the worker).
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class Unauthorized(OrchestratorError):
 
 
 class Forbidden(OrchestratorError):
-    """A browser request from an origin that is not allowed."""
+    """A Host that is not this server's name, or a browser request from another site."""
 
     status = 403
     code = "FORBIDDEN"
@@ -930,6 +931,12 @@ class TaskStore:
         self._retries_total = 0
         self._expired_leases_total = 0
 
+    @property
+    def waiting_claims(self) -> int:
+        """How many claims are waiting for a task right now."""
+        with self._lock:
+            return self._waiters
+
     # -- the operations ------------------------------------------------------
 
     def create(self, fields: Mapping[str, object], idempotency_key: str | None = None
@@ -957,7 +964,7 @@ class TaskStore:
                 **values,
             )
             self._tasks[task.id] = task
-            self._file(task)
+            self._index(task)
             self._enqueue(task, next(self._sequence))
             if idempotency_key is not None:
                 self._idempotency[idempotency_key] = (task.id, fingerprint)
@@ -1219,6 +1226,8 @@ class TaskStore:
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
         task.lease_expires_at = None
+        # Before the status: indexing a completed task adds its duration, which
+        # needs completed_at.
         task.completed_at = now
         self._set_status(task, status, now)
         if self.retention:
@@ -1231,28 +1240,28 @@ class TaskStore:
 
     def _set_status(self, task: Task, status: str, now: float) -> None:
         """Move a task to another status, keeping the indexes and counters true."""
-        self._unfile(task)
+        self._unindex(task)
         task.status = status
         task.updated_at = now
-        self._file(task)
+        self._index(task)
 
     def _remove(self, task: Task) -> None:
         """Forget a task entirely: indexes, queue entry and idempotency key."""
         if task.status == WAITING:
             self._unqueue(task)
-        self._unfile(task)
+        self._unindex(task)
         del self._tasks[task.id]
         self._idempotency.pop(task.idempotency_key, None)
 
     # -- indexes (lock held) -------------------------------------------------
 
-    def _file(self, task: Task) -> None:
+    def _index(self, task: Task) -> None:
         """Count the task under its status."""
         self._by_status[task.status].add((task.number, task.id))
         if task.status == COMPLETED:
             self._completed_seconds += task.completed_at - task.started_at
 
-    def _unfile(self, task: Task) -> None:
+    def _unindex(self, task: Task) -> None:
         """Stop counting the task under its status."""
         self._by_status[task.status].remove((task.number, task.id))
         if task.status == COMPLETED:
@@ -1355,14 +1364,28 @@ def _shorten(text: str, limit: int = 80) -> str:
 # The rate limiter
 # ---------------------------------------------------------------------------
 
+@dataclass(slots=True)
+class _Window:
+    """One client's counts: the fixed window it is in, and the window before."""
+
+    number: int  #: which fixed window: int(time // window)
+    count: int = 0  #: requests counted in it
+    previous: int = 0  #: requests counted in the window just before it
+
+
 class RateLimiter:
     """A sliding-window limit of requests per client, in constant memory per client.
 
     The window slides by weighting the previous fixed window's count by how much
     of it still overlaps the last `window` seconds: two counters per client
-    rather than a timestamp per request. Clients idle for two windows are
-    forgotten, and at most `max_clients` are remembered (the least recently
-    seen go first), so a flood of addresses cannot grow memory without bound.
+    rather than a timestamp per request. For example, with a limit of 100 a
+    minute, a client that sent 80 requests in the last minute-long window and
+    30 so far in this one, 15 seconds in, has used 80 * (1 - 15/60) + 30 = 90:
+    10 more fit now, and more as the old window's weight fades.
+
+    Clients idle for two windows are forgotten, and at most `max_clients` are
+    remembered (the least recently seen go first), so a flood of addresses
+    cannot grow memory without bound.
     """
 
     def __init__(
@@ -1376,21 +1399,20 @@ class RateLimiter:
         self.window = window
         self.max_clients = max_clients
         self._clock = clock
-        #: The lock guards _clients: client -> [window number, count in it,
-        #: count in the window before], least recently seen first.
+        #: The lock guards _clients: each client's _Window, least recently seen first.
         self._lock = threading.Lock()
-        self._clients: OrderedDict[str, list[int]] = OrderedDict()
+        self._clients: OrderedDict[str, _Window] = OrderedDict()
 
     def hit(self, client: str) -> int:
         """Count one request from a client; return how many are left, or raise RateLimited."""
         with self._lock:
             now = self._clock()
             counts = self._counts(client, int(now // self.window))
-            elapsed = now - counts[0] * self.window
-            used = counts[2] * (1 - elapsed / self.window) + counts[1]
+            elapsed = now - counts.number * self.window  # into the current window
+            used = counts.previous * (1 - elapsed / self.window) + counts.count
             if used + 1 > self.limit:
                 raise RateLimited(self._retry_after(counts, elapsed))
-            counts[1] += 1
+            counts.count += 1
             return max(0, math.floor(self.limit - used - 1))
 
     def __len__(self) -> int:
@@ -1398,16 +1420,14 @@ class RateLimiter:
         with self._lock:
             return len(self._clients)
 
-    def _counts(self, client: str, current: int) -> list[int]:
-        """The client's counters rolled forward to the current window, marked most recent."""
+    def _counts(self, client: str, current: int) -> _Window:
+        """The client's counts rolled forward to the current window, marked most recent."""
         self._forget(current)
-        window, count, previous = self._clients.pop(client, (current, 0, 0))
-        if window == current - 1:
-            counts = [current, 0, count]
-        elif window < current - 1:
-            counts = [current, 0, 0]
-        else:
-            counts = [current, count, previous]
+        counts = self._clients.pop(client, None) or _Window(current)
+        if counts.number == current - 1:
+            counts = _Window(current, previous=counts.count)
+        elif counts.number < current - 1:
+            counts = _Window(current)
         self._clients[client] = counts
         return counts
 
@@ -1415,19 +1435,18 @@ class RateLimiter:
         """Drop clients idle for two windows, and the least recent beyond max_clients."""
         while self._clients:
             oldest = next(iter(self._clients.values()))
-            if oldest[0] >= current - 1 and len(self._clients) < self.max_clients:
+            if oldest.number >= current - 1 and len(self._clients) < self.max_clients:
                 break
             self._clients.popitem(last=False)
 
-    def _retry_after(self, counts: list[int], elapsed: float) -> int:
+    def _retry_after(self, counts: _Window, elapsed: float) -> int:
         """Whole seconds (at least 1) until one more request fits."""
-        _, count, previous = counts
-        if count >= self.limit:
+        if counts.count >= self.limit:
             # This window is full: wait for it to end, then for its weight to fade.
-            wait = (self.window - elapsed) + self.window * (1 - (self.limit - 1) / count)
+            wait = (self.window - elapsed) + self.window * (1 - (self.limit - 1) / counts.count)
         else:
             # The previous window's weight is what is over: wait for it to fade.
-            wait = self.window * (1 - (self.limit - 1 - count) / previous) - elapsed
+            wait = self.window * (1 - (self.limit - 1 - counts.count) / counts.previous) - elapsed
         return max(1, math.ceil(wait))
 
 
@@ -1694,7 +1713,12 @@ def _query_pairs() -> Iterator[tuple[str, str]]:
 
 
 def _query(schema: Schema) -> dict:
-    """The query string checked against its declaration, integers converted."""
+    """The query string checked against its declaration, integers converted.
+
+    The store checks the same declaration again, for its Python callers. Both are
+    needed: only here are unknown and repeated parameters seen (the store takes
+    keyword arguments), and only there is a direct call from Python checked.
+    """
     query: dict[str, object] = {}
     for name, value in _query_pairs():
         if name in query:
@@ -1710,6 +1734,13 @@ def _query(schema: Schema) -> dict:
     return schema.clean(query)
 
 
+# The hops of one request, e.g. POST /api/v1/tasks/{id}/complete:
+#   waitress thread -> Bottle matches the rule -> _serve(gate, handler)
+#     -> _Gate.admit (host, browser, rate limit, key, body size)
+#     -> _call_route (the JSON body or query, parsed) -> _complete_task
+#     -> TaskStore.complete (validates against TASK_COMPLETE, changes state under the lock)
+#     -> Task.to_dict -> _envelope; any OrchestratorError -> _error_envelope.
+#
 # Each handler takes the store, the route's parsed query or body, and the URL's task id.
 
 def _create_task(store: TaskStore, fields: dict) -> dict:
@@ -1946,6 +1977,23 @@ _MCP_VERSIONS = (_MCP_MODERN_VERSION, *_MCP_HANDSHAKE_VERSIONS)
 #: Revisions whose tools page makes invalid arguments a JSON-RPC error; later
 #: ones return them as tool results, so that the model can correct itself.
 _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS = ("2025-03-26", "2025-06-18")
+
+
+@dataclass(frozen=True, slots=True)
+class _Era:
+    """What a request's protocol revision changes; decided once per request, then passed down."""
+
+    #: 2026-07-28: no handshake, _meta on every request, errors with HTTP statuses.
+    modern: bool
+    #: Invalid tool arguments are a JSON-RPC error rather than a tool result.
+    strict_arguments: bool
+
+    @classmethod
+    def of(cls, version: str) -> _Era:
+        """The era of a version named in the MCP-Protocol-Version header."""
+        return cls(modern=version not in _MCP_HANDSHAKE_VERSIONS,
+                   strict_arguments=version in _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS)
+
 _VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 _CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
 _SERVER_INFO = {
@@ -2120,8 +2168,7 @@ _TOOL_DEFINITIONS = [tool.definition() for tool in _TOOLS.values()]
 
 def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
     """Answer the one JSON-RPC message of a POST /mcp; None for a notification (202)."""
-    version = _header("MCP-Protocol-Version") or "2025-03-26"
-    modern = version not in _MCP_HANDSHAKE_VERSIONS
+    era = _Era.of(_header("MCP-Protocol-Version") or "2025-03-26")
     request_id = None
     try:
         message = _rpc_message()
@@ -2129,15 +2176,16 @@ def _answer_mcp(store: TaskStore, gate: _Gate) -> dict | None:
             response.status = 202
             return None
         request_id = message["id"]
-        # A body that names its version in _meta is 2026-07-28 in form, whatever the header.
         meta = message.get("params", {}).get("_meta")
-        modern = modern or (isinstance(meta, dict) and _VERSION_KEY in meta)
-        if modern:
-            _check_modern_request(message)
-        result = _call_method(store, gate, message, version)
+        if isinstance(meta, dict) and _VERSION_KEY in meta:
+            # A body that names its version in _meta is 2026-07-28 in form, whatever the header.
+            era = _Era.of(_MCP_MODERN_VERSION)
+        if era.modern:
+            _check_modern_request(message)  # so from here on, modern means 2026-07-28
+        result = _call_method(store, gate, message, era)
     except _RpcError as error:
-        return _rpc_error(request_id, error, modern)
-    if modern:
+        return _rpc_error(request_id, error, era)
+    if era.modern:
         result = {**result, "resultType": "complete",
                   "_meta": {"io.modelcontextprotocol/serverInfo": _SERVER_INFO}}
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -2194,23 +2242,23 @@ def _decode_header(value: str | None) -> str | None:
     return value
 
 
-def _call_method(store: TaskStore, gate: _Gate, message: dict, version: str) -> dict:
+def _call_method(store: TaskStore, gate: _Gate, message: dict, era: _Era) -> dict:
     """Run the request's method; _RpcError when it has none in this era."""
     params = message.get("params", {})
     method = message["method"]
     if method == "tools/call":
-        return _call_tool(store, gate, params, version)
+        return _call_tool(store, gate, params, era)
     if method == "tools/list":
         listing = {"tools": _TOOL_DEFINITIONS}
-        if version == _MCP_MODERN_VERSION:
+        if era.modern:
             listing.update(ttlMs=_TOOLS_TTL_MS, cacheScope="public")
         return listing
-    if version == _MCP_MODERN_VERSION and method == "server/discover":
+    if era.modern and method == "server/discover":
         return {"supportedVersions": list(_MCP_VERSIONS), "capabilities": _CAPABILITIES,
                 "instructions": _INSTRUCTIONS, "ttlMs": _TOOLS_TTL_MS, "cacheScope": "public"}
-    if version in _MCP_HANDSHAKE_VERSIONS and method == "initialize":
+    if not era.modern and method == "initialize":
         return _initialize(params)
-    if version in _MCP_HANDSHAKE_VERSIONS and method == "ping":
+    if not era.modern and method == "ping":
         return {}
     raise _RpcError(_METHOD_NOT_FOUND, f"Method not found: {method}")
 
@@ -2228,7 +2276,7 @@ def _initialize(params: dict) -> dict:
     }
 
 
-def _call_tool(store: TaskStore, gate: _Gate, params: dict, version: str) -> dict:
+def _call_tool(store: TaskStore, gate: _Gate, params: dict, era: _Era) -> dict:
     """tools/call: business errors become tool results the model can read and act on."""
     tool = _TOOLS.get(params.get("name"))
     if tool is None:
@@ -2242,7 +2290,7 @@ def _call_tool(store: TaskStore, gate: _Gate, params: dict, version: str) -> dic
         text_arguments = dict(cleaned)  # the call may take fields out of `cleaned`
         data = tool.call(store, cleaned)
     except ValidationError as error:
-        if version in _ARGUMENT_ERRORS_ARE_PROTOCOL_ERRORS:
+        if era.strict_arguments:
             raise _RpcError(_INVALID_PARAMS, error.message, data=error.details) from None
         return _tool_error(error)
     except OrchestratorError as error:
@@ -2257,11 +2305,11 @@ def _tool_error(error: OrchestratorError) -> dict:
             "isError": True}
 
 
-def _rpc_error(request_id: object, error: _RpcError, modern: bool) -> dict:
+def _rpc_error(request_id: object, error: _RpcError, era: _Era) -> dict:
     """A JSON-RPC error response, its HTTP status set for the era."""
     status = error.status
     if status is None:
-        status = (404 if error.code == _METHOD_NOT_FOUND else 400) if modern else 200
+        status = (404 if error.code == _METHOD_NOT_FOUND else 400) if era.modern else 200
     response.status = status
     body = {"code": error.code, "message": error.message}
     if error.data is not None:
@@ -2312,7 +2360,7 @@ def _openapi_document() -> dict:
         "responses": {
             "200": {"description": "The OpenAPI document.", "headers": _PUBLIC_HEADERS,
                     "content": {"application/json": {"schema": {"type": "object"}}}},
-            **_error_responses([400, 405, 413, 500]),
+            **_error_responses([400, 403, 405, 413, 500]),
         },
     }}
     return {
@@ -2353,8 +2401,8 @@ _RATE_HEADERS = {
 def _operation(route: _Route) -> dict:
     """One REST route as an OpenAPI operation."""
     guarded = route.path.startswith("/api/")
-    statuses = {400, 405, 413, 500}
-    statuses |= {401, 403, 429} if guarded else set()
+    statuses = {400, 403, 405, 413, 500}  # 403: the Host rule covers every route
+    statuses |= {401, 429} if guarded else set()
     statuses |= {415} if route.body is not None else set()
     statuses |= {404} if "{task_id}" in route.path else set()
     statuses |= {409} if route.conflicts else set()

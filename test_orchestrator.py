@@ -1379,6 +1379,14 @@ def test_help_documents_the_flags():
         assert flag in result.stdout
 
 
+def test_the_readme_examples_can_be_pasted_as_they_are():
+    readme = (MODULE.parent / "README.md").read_text()
+    commands = "\n".join(re.findall(r"```sh\n(.*?)```", readme, re.DOTALL))
+    assert "TASK=$(curl" in commands  # the first create keeps the id
+    assert not re.search(r"\{(task_)?id\}", commands), "placeholders cannot be pasted"
+    assert commands.index("TASK=$(curl") < commands.index("$TASK/")
+
+
 def test_importing_the_module_has_no_side_effects():
     code = ("import logging, threading, orchestrator; "
             "assert threading.active_count() == 1; "
@@ -2296,7 +2304,8 @@ def test_parameters_and_bodies_say_what_validation_enforces(document):
                                "500"}, {"404"}),
     ("get", "/api/v1/tasks/{task_id}", {"404", "401", "429"}, {"409", "415"}),
     ("post", "/api/v1/tasks/{task_id}/complete", {"404", "409", "415"}, set()),
-    ("get", "/health", {"200", "500"}, {"401", "403", "429"}),
+    ("get", "/health", {"200", "403", "500"}, {"401", "429"}),  # 403: the Host rule
+    ("get", "/openapi.json", {"200", "403"}, {"401", "429"}),
     ("post", "/mcp", {"200", "202", "400", "401", "403", "405", "413", "415", "429"}, set()),
 ])
 def test_each_operation_documents_the_statuses_it_can_answer(document, method, path, present,
@@ -2430,7 +2439,7 @@ class Background(threading.Thread):
         return self.result
 
 
-def wait_until(condition, timeout=5):
+def wait_until(condition, timeout=10):
     """Poll a condition in a test (never in the server) until it holds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -2446,7 +2455,7 @@ def get_json(url):
 def test_a_waiting_claim_is_woken_by_a_create(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/r&worker_id=w&wait=10")
     waiter.start()
-    wait_until(lambda: store._waiters == 1)
+    wait_until(lambda: store.waiting_claims == 1)
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     claimed = waiter.finish().json["data"]
     assert claimed["id"] == task.id and claimed["worker_id"] == "w"
@@ -2456,7 +2465,7 @@ def test_a_waiting_claim_is_woken_by_a_create(client, store):
 def test_a_wait_that_times_out_answers_null_even_if_another_directory_got_work(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/mine&worker_id=w&wait=1")
     waiter.start()
-    wait_until(lambda: store._waiters == 1)
+    wait_until(lambda: store.waiting_claims == 1)
     store.create({"work_directory": "/other", "prompt": "p"})
     res = waiter.finish()
     assert res.json["data"] is None and res.json["success"] is True
@@ -2489,7 +2498,7 @@ def test_waiters_beyond_the_cap_answer_at_once_and_health_stays_served():
         waiters = [Background(get_json, claim) for _ in range(2)]
         for waiter in waiters:
             waiter.start()
-        wait_until(lambda: store._waiters == 2)
+        wait_until(lambda: store.waiting_claims == 2)
         started = time.monotonic()
         assert get_json(claim)["data"] is None  # over the cap: answered at once
         assert get_json(url + "/health")["data"]["status"] == "healthy"
@@ -2505,7 +2514,7 @@ def test_shutdown_releases_waiting_claims():
     with running_server(config, create_app(config, store)) as url:
         waiter = Background(get_json, f"{url}/api/v1/tasks/next?work_path=/r&worker_id=w&wait=20")
         waiter.start()
-        wait_until(lambda: store._waiters == 1)
+        wait_until(lambda: store.waiting_claims == 1)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 3
     assert waiter.finish()["data"] is None
@@ -2523,7 +2532,7 @@ def test_mcp_acquire_task_waits_too(call_tool, store):
     waiter = Background(call_tool, "acquire_task", {"work_path": "/r", "worker_id": "w",
                                                     "wait": 10})
     waiter.start()
-    wait_until(lambda: store._waiters == 1)
+    wait_until(lambda: store.waiting_claims == 1)
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     assert waiter.finish()["structuredContent"]["task"]["id"] == task.id
 
@@ -2546,8 +2555,12 @@ sys.exit(int(os.environ.get("AGENT_EXIT", "0")))
 
 @pytest.fixture
 def worker_server():
-    """A live server over a real-clock store with short leases: (url, store)."""
-    store = TaskStore(max_retries=1, task_timeout=0.3)
+    """A live server over a real-clock store with 2 s leases: (url, store).
+
+    Short enough to keep tests quick, long enough that a loaded machine's stall
+    of half a second between two heartbeats (every 2/3 s) loses no lease.
+    """
+    store = TaskStore(max_retries=1, task_timeout=2)
     config = Config(rate_limit=0)
     with running_server(config, create_app(config, store)) as url:
         yield url, store
@@ -2602,9 +2615,9 @@ def test_worker_puts_the_prompt_in_place_of_the_placeholder(worker_server, tmp_p
 
 
 def test_worker_keeps_a_long_task_through_heartbeats(worker_server, tmp_path):
-    url, store = worker_server  # leases of 0.3 s
+    url, store = worker_server  # leases of 2 s, renewed every 2/3 s
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    assert run_worker(url, tmp_path, env={"AGENT_SLEEP": "1"})[0] == 0
+    assert run_worker(url, tmp_path, env={"AGENT_SLEEP": "2.5"})[0] == 0
     done = store.get(task.id)
     assert (done.status, done.retry_count) == ("completed", 0)
     assert store.statistics()["expired_leases_total"] == 0
