@@ -1475,11 +1475,13 @@ def _envelope(data: object = None, error: OrchestratorError | None = None) -> by
 def _utf8_json(value: object) -> bytes:
     """JSON in UTF-8 with non-ASCII text as itself, so a prompt in any language reads as such.
 
-    Text that is not valid Unicode (a lone surrogate inside metadata) cannot be
-    UTF-8; then the whole body falls back to ASCII escapes, which JSON allows.
+    Control characters stay escaped (JSON escapes C0 itself; DEL, C1 and the line
+    separators are escaped here), so `curl` output cannot drive a terminal. Text
+    that is not valid Unicode (a lone surrogate inside metadata) cannot be UTF-8;
+    then the whole body falls back to ASCII escapes, which JSON allows.
     """
     try:
-        return json.dumps(value, ensure_ascii=False).encode()
+        return _escape_controls(json.dumps(value, ensure_ascii=False)).encode()
     except UnicodeEncodeError:
         return json.dumps(value).encode()
 

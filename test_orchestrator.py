@@ -982,6 +982,13 @@ def test_mcp_texts_are_utf8_not_ascii_escapes(rpc):
     assert prompt in res.json["result"]["content"][0]["text"]
 
 
+def test_json_responses_keep_control_characters_escaped(client):
+    prompt = "a\u001b[31m\u007f\u009b31m\u2028b"
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": prompt})
+    assert res.body.decode().isprintable()
+    assert res.json["data"]["prompt"] == prompt
+
+
 def test_a_lone_surrogate_in_metadata_still_answers_valid_json(client):
     body = b'{"work_directory": "/r", "prompt": "p", "metadata": {"k": "\\ud800"}}'
     res = client.post("/api/v1/tasks", body, content_type="application/json", status=201)
