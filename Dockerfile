@@ -5,5 +5,9 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY orchestrator.py .
 # Inside a container the loopback default would be unreachable from the host.
 ENV APP_SERVER_HOST=0.0.0.0
+# The tasks live on a volume, so a new container continues the old one's queue.
+ENV APP_DATA_FILE=/data/tasks.db
+RUN mkdir /data
+VOLUME /data
 EXPOSE 8080
 CMD ["python", "orchestrator.py"]

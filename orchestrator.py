@@ -36,6 +36,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import hashlib
 import heapq
 import hmac
@@ -45,21 +46,25 @@ import json
 import logging
 import math
 import ntpath
+import operator
 import os
 import posixpath
 import queue
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import types
+import typing
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +75,12 @@ import bottle
 import waitress
 import waitress.trigger
 import waitress.wasyncore
+
+try:
+    import fcntl
+except ImportError:  # Windows, which locks files through msvcrt instead
+    fcntl = None
+    import msvcrt
 
 __all__ = [
     # the task's statuses and priorities
@@ -101,6 +112,7 @@ __all__ = [
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "RateLimited",
+    "StorageError",
 ]
 
 __version__ = "1.0.0"
@@ -200,6 +212,8 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_TASK_MAX_RETRIES", "max_retries", _integer(0, 100)),
     ("APP_TASK_TIMEOUT", "task_timeout", _integer(1, 31_536_000)),
     ("APP_TASK_RETENTION", "retention", _integer(0, 3_153_600_000)),
+    ("APP_DATA_FILE", "data_file", _text),
+    ("APP_DATA_SYNC", "data_sync", _choice("full", "normal")),
     ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
     ("APP_SECURITY_API_KEY", "api_key", _text),
     ("APP_SECURITY_ALLOWED_ORIGINS", "allowed_origins", _origins),
@@ -221,6 +235,8 @@ class Config:
     max_retries: int = 3
     task_timeout: int = 3600
     retention: int = 604_800
+    data_file: str | None = None  #: the SQLite file that keeps the tasks; None: memory only
+    data_sync: str = "full"  #: "full" survives power loss; "normal" only a crash of the process
     rate_limit: int = 1000
     api_key: str | None = field(default=None, repr=False)  # never printed
     allowed_origins: tuple[str, ...] = ()
@@ -243,7 +259,7 @@ class Config:
         """This configuration with command-line flags (already strings) laid over it."""
         parsers = {attribute: parse for _, attribute, parse in _SETTINGS}
         changes = {
-            name: _parse_setting("--" + name, parsers[name], raw)
+            name: _parse_setting("--" + name.replace("_", "-"), parsers[name], raw)
             for name, raw in flags.items()
             if raw is not None
         }
@@ -334,6 +350,13 @@ class Conflict(OrchestratorError):
     code = "CONFLICT"
 
 
+class StorageError(OrchestratorError):
+    """The data file could not be written: the change is not acknowledged."""
+
+    status = 503
+    code = "STORAGE_ERROR"
+
+
 class PayloadTooLarge(OrchestratorError):
     """The request body is larger than the configured limit."""
 
@@ -406,6 +429,9 @@ class Task:
     #: Its live entry in its directory's queue while waiting; any other entry is stale.
     queue_entry: tuple | None = field(default=None, repr=False)
     idempotency_key: str | None = field(default=None, repr=False)
+    fingerprint: str | None = field(default=None, repr=False)  #: of the body that used the key
+    #: Counts the task's changes, so that a data file never takes an older row over a newer.
+    version: int = field(default=0, repr=False)
 
     def snapshot(self) -> Task:
         """A copy that shares nothing mutable with this task, to hand out of the store."""
@@ -823,6 +849,438 @@ def _configure_logging(config: Config) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The data file: what the store changed, written through to SQLite (optional).
+# The store decides; the journal only records, in the store's order, from one
+# writer thread that commits concurrent changes together (group commit).
+# ---------------------------------------------------------------------------
+
+_APPLICATION_ID = 0x4F524348  # "ORCH" in the file's header: this service's database
+#: The schema's version, kept in PRAGMA user_version. Columns for Task fields added
+#: later are added at open without raising it (an older version ignores them); raise
+#: it for any other change, since an older version refuses a newer file.
+_SCHEMA_VERSION = 1
+#: Python types SQLite keeps as they are; a field of any other type is stored as JSON.
+_NATIVE_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+_SET_COUNTER = ("INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """One column of the tasks table, and how it keeps a Task field."""
+
+    name: str
+    attribute: str  #: the Task field it stores
+    declaration: str  #: its type and constraints, as CREATE TABLE and ALTER TABLE take them
+    encode: Callable[[object], object] | None  #: applied to a value that is not None
+    decode: Callable[[object], object] | None  #: applied to a stored value that is not None
+
+
+def _columns(task_type: type) -> tuple[_Column, ...]:
+    """The tasks table's columns, derived from the Task fields so that a new field gets one."""
+    hints = typing.get_type_hints(task_type)
+    return tuple(_column(item, hints[item.name]) for item in dataclasses.fields(task_type))
+
+
+def _column(item: dataclasses.Field, hint: object) -> _Column:
+    """The column for one Task field: native when SQLite has its type, JSON text otherwise."""
+    if item.name == "queue_entry":
+        # The entry's rank follows from the priority and its id is the row's own; only seq is news.
+        return _Column("queue_seq", item.name, "INTEGER", _queue_seq, None)
+    native = _native_type(hint)
+    if native is None:
+        # json.dumps escapes all but ASCII, so even a lone surrogate in metadata, which
+        # UTF-8 (and so SQLite) cannot carry, is stored as it came.
+        encode, decode, sql_type = json.dumps, json.loads, "TEXT"
+    else:
+        encode, decode, sql_type = None, (bool if native is bool else None), _NATIVE_TYPES[native]
+    declaration = sql_type
+    if item.name == "id":
+        declaration += " PRIMARY KEY"
+    if item.name == "version":
+        declaration += " NOT NULL"
+    default = _default(item)
+    if default is not None:
+        # Rows written before the field existed read back as its default.
+        declaration += " DEFAULT " + _sql_literal(default if encode is None else encode(default))
+    return _Column(item.name, item.name, declaration, encode, decode)
+
+
+def _native_type(hint: object) -> type | None:
+    """The one SQLite-native type a field holds besides None, or None when it must be JSON."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+    else:
+        options = [hint]
+    if len(options) == 1 and options[0] in _NATIVE_TYPES:
+        return options[0]
+    return None
+
+
+def _default(item: dataclasses.Field) -> object:
+    """A field's default value, or None when it has none."""
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None
+
+
+def _sql_literal(value: object) -> str:
+    """A value as SQL text, for a column's DEFAULT clause, where parameters are not allowed."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(int(value) if isinstance(value, bool) else value)
+
+
+def _queue_seq(entry: tuple) -> int:
+    """The seq of a (rank, seq, id) queue entry: the place in its queue a restart must keep."""
+    return entry[1]
+
+
+def _upsert_statement(columns: tuple[_Column, ...]) -> str:
+    """The statement that writes a whole row, unless the table holds that version or a newer one."""
+    names = ", ".join(f'"{column.name}"' for column in columns)
+    marks = ", ".join("?" * len(columns))
+    updates = ", ".join(f'"{column.name}" = excluded."{column.name}"'
+                        for column in columns if column.name != "id")
+    # The version guard makes a replayed row harmless: an older copy never overwrites a newer one.
+    return (f"INSERT INTO tasks ({names}) VALUES ({marks}) "
+            f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.version > tasks.version")
+
+
+def _lock_beside(path: str) -> int:
+    """Open and lock path + ".lock" without waiting; return its descriptor, or raise ConfigError.
+
+    The lock is on a file of its own because SQLite keeps POSIX locks on the
+    database itself, which ours must not disturb. The OS drops it when the
+    process dies, so even a kill -9 leaves no stale lock behind.
+    """
+    try:
+        descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"cannot use the database file {path}: {error.strerror}") from None
+    try:
+        _lock_exclusively(descriptor)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ConfigError(f"the database file {path} is in use by another process") from None
+    except OSError as error:
+        os.close(descriptor)
+        raise ConfigError(f"cannot lock the database file {path}: {error.strerror}") from None
+    return descriptor
+
+
+def _lock_exclusively(descriptor: int) -> None:
+    """Lock an open file for this process without waiting; BlockingIOError when another holds it."""
+    if fcntl is not None:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    try:
+        msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+    except OSError as error:  # Windows reports a lock held elsewhere as a permission error
+        raise BlockingIOError(error.errno, error.strerror) from None
+
+
+def _connect(path: str, sync: str, columns: tuple[_Column, ...]) -> sqlite3.Connection:
+    """Open the database, check that it is ours and not newer, and bring its schema up to date."""
+    try:
+        # Transactions are begun and ended explicitly; the writer thread uses the
+        # connection after __init__, and close() after the writer has stopped.
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise ConfigError(f"cannot use the database file {path}: {error}") from None
+    try:
+        connection.execute("PRAGMA busy_timeout = 5000")
+        _check_owner(connection, path)
+        if _scalar(connection, "PRAGMA journal_mode = WAL") != "wal":
+            raise ConfigError(f"cannot use the database file {path}: "
+                              "its file system does not support write-ahead logging")
+        connection.execute(f"PRAGMA synchronous = {sync.upper()}")
+        _migrate(connection, columns)
+    except sqlite3.Error as error:  # DatabaseError included: "file is not a database"
+        connection.close()
+        raise ConfigError(f"cannot use the database file {path}: {error}") from None
+    except ConfigError:
+        connection.close()
+        raise
+    return connection
+
+
+def _check_owner(connection: sqlite3.Connection, path: str) -> None:
+    """Refuse a file that another program wrote, or that a newer version of this one did."""
+    application_id = _scalar(connection, "PRAGMA application_id")
+    version = _scalar(connection, "PRAGMA user_version")
+    tables = _scalar(connection, "SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+    if application_id != _APPLICATION_ID and (tables or application_id):
+        raise ConfigError(f"{path} is not this service's database: another program wrote it")
+    if version > _SCHEMA_VERSION:
+        raise ConfigError(f"{path} was written by a newer version of the service "
+                          f"(schema {version}; this version reads up to {_SCHEMA_VERSION})")
+
+
+def _scalar(connection: sqlite3.Connection, sql: str) -> object:
+    """The one value a query or pragma answers."""
+    return connection.execute(sql).fetchone()[0]
+
+
+def _migrate(connection: sqlite3.Connection, columns: tuple[_Column, ...]) -> None:
+    """Create the tables, or add the columns that Task fields newer than the file need."""
+    connection.execute("BEGIN IMMEDIATE")
+    declarations = ", ".join(f'"{column.name}" {column.declaration}' for column in columns)
+    connection.execute(f"CREATE TABLE IF NOT EXISTS tasks ({declarations})")
+    connection.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER)")
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    for column in columns:
+        if column.name not in present:
+            connection.execute(f'ALTER TABLE tasks ADD COLUMN "{column.name}" {column.declaration}')
+    connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+    connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+    connection.execute("COMMIT")
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector, which would rescan a bulk load's new objects often."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _decode_column(tasks: list[dict], name: str, decode: Callable[[object], object]) -> None:
+    """Decode one column of the loaded rows in place, each distinct stored value once.
+
+    Rows that stored the same text share one decoded value (tags and metadata
+    repeat a lot), which is safe because the store replaces a task's lists and
+    dicts and never changes them in place.
+    """
+    decoded: dict[object, object] = {}
+    for task in tasks:
+        stored = task[name]
+        if stored is not None:
+            value = decoded.get(stored)
+            if value is None:
+                value = decoded[stored] = decode(stored)
+            task[name] = value
+
+
+class _Journal:
+    """The store's tasks in a SQLite file, written through as whole rows by one thread.
+
+    The store calls record() under its own lock, which only queues the changed
+    rows and hands back a ticket, and wait(ticket) once it has released the
+    lock. The writer commits everything queued by then in one transaction, so
+    changes made at the same time share one sync to disk. A batch that fails
+    fails its waiters and is written again with the next one.
+
+        journal = _Journal("tasks.db")
+        rows, counters = journal.load()
+        with lock:
+            ticket = journal.record([copy.copy(task)], [], {"sequence": 42})
+        journal.wait(ticket)  # StorageError if the change could not be saved
+        journal.close()
+    """
+
+    def __init__(self, path: str, sync: str = "full") -> None:
+        """Open (creating if needed) and lock the file; ConfigError, naming it, if unusable."""
+        if sync not in ("full", "normal"):
+            raise ConfigError(f"the journal's sync must be full or normal, not {sync!r}")
+        self.path = path  #: the database file
+        self.commits = 0  #: batches committed; fewer than the records means group commit at work
+        self._columns = _columns(Task)
+        self._upsert = _upsert_statement(self._columns)
+        self._lock_descriptor = _lock_beside(path)
+        try:
+            self._connection = _connect(path, sync, self._columns)
+        except BaseException:
+            os.close(self._lock_descriptor)
+            raise
+        #: Appended by record() under the store's lock, which orders the tickets and the
+        #: queue alike, so its order is the store's; only the writer pops from it.
+        self._queue: deque[tuple[int, list, list[str], dict]] = deque()
+        self._tickets = 0  # the last ticket handed out; guarded by the store's lock
+        # The writer's own: what it took from the queue and has not committed yet.
+        self._unsaved: dict[str, Task | None] = {}  # id -> its latest row; None once deleted
+        self._unsaved_counters: dict[str, int] = {}
+        self._taken = 0  # the last ticket taken from the queue
+        #: The journal's own lock (never the store's); it guards the attributes below.
+        self._guard = threading.Lock()
+        self._wake = threading.Condition(self._guard)  # for the writer: a waiter wants a commit
+        self._settled = threading.Condition(self._guard)  # for the waiters: a batch has settled
+        self._asked = False  # a waiter wants a commit the writer has not started yet
+        self._stopping = False
+        self._closed = False
+        self._committed = 0  # every ticket up to this one is on disk
+        self._failed = 0  # the last ticket of the last batch that failed
+        self._failure = ""  # why that batch failed
+        self._writer = threading.Thread(
+            target=self._write, name="orchestrator-journal", daemon=True)
+        self._writer.start()
+
+    def load(self) -> tuple[list[dict], dict[str, int]]:
+        """Every stored task row as a dict of column -> value, by number, and the counters by name.
+
+        Call it before the first record(): it reads on the writer's connection.
+        """
+        names = [column.name for column in self._columns]
+        selected = ", ".join(f'"{name}"' for name in names)
+        with _collector_paused():
+            rows = self._connection.execute(f"SELECT {selected} FROM tasks").fetchall()
+            # Sorted here: an ORDER BY would drag every whole row through SQLite's sorter.
+            rows.sort(key=operator.itemgetter(names.index("number")))
+            tasks = [dict(zip(names, row)) for row in rows]
+            for column in self._columns:
+                if column.decode is not None:
+                    _decode_column(tasks, column.name, column.decode)
+        counters = dict(self._connection.execute("SELECT name, value FROM meta").fetchall())
+        return tasks, counters
+
+    def record(self, tasks: list, deleted: list[str], counters: dict[str, int]) -> int:
+        """Queue the store's changed rows, deleted ids and counters; return the ticket to wait on.
+
+        Call it under the store's lock, with objects the store will not change
+        again. It does no I/O and takes no lock, so it cannot stall the store.
+        """
+        self._tickets += 1
+        self._queue.append((self._tickets, tasks, deleted, counters))
+        return self._tickets
+
+    @property
+    def last_ticket(self) -> int:
+        """The ticket of the latest record(); read it under the store's lock."""
+        return self._tickets
+
+    def wait(self, ticket: int) -> None:
+        """Wake the writer and block until this ticket's batch commits; StorageError if it fails."""
+        with self._guard:
+            if not self._is_settled(ticket):
+                self._asked = True
+                self._wake.notify()
+                while not self._is_settled(ticket):
+                    self._settled.wait()
+            if ticket <= self._committed:
+                return
+            failure = self._failure if ticket <= self._failed else "the journal is closed"
+        raise StorageError(f"could not save the change to {self.path}: {failure}")
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, close the file and release its lock; idempotent.
+
+        Raises StorageError, once everything is released, when that last commit failed.
+        """
+        with self._guard:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._wake.notify()
+        self._writer.join()
+        lost = len(self._unsaved) + len(self._unsaved_counters)
+        try:
+            # Only tidies up: the next open would replay the write-ahead log anyway.
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._connection.close()
+        finally:
+            os.close(self._lock_descriptor)
+            with self._guard:
+                self._closed = True
+                self._settled.notify_all()
+        if lost:
+            raise StorageError(
+                f"could not save the last {lost} changes to {self.path}: {self._failure}")
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _is_settled(self, ticket: int) -> bool:
+        """Whether the ticket's batch was committed or failed, or none will come (guard held)."""
+        return ticket <= self._committed or ticket <= self._failed or self._closed
+
+    def _write(self) -> None:
+        """The writer thread: whenever a waiter asks, commit all that is queued, until close()."""
+        while True:
+            with self._guard:
+                while not self._asked and not self._stopping:
+                    self._wake.wait()
+                self._asked = False
+                stopping = self._stopping
+            self._write_batch()
+            if stopping:
+                return
+
+    def _write_batch(self) -> None:
+        """Commit what is queued and what a failed batch left, and tell the waiters how it went."""
+        self._take()
+        if self._unsaved or self._unsaved_counters:
+            try:
+                self._commit()
+            except sqlite3.Error as error:
+                logger.error("could not save %d changes to %s: %s",
+                             len(self._unsaved), self.path, error)
+                self._settle(str(error))
+                return
+            except Exception as error:  # a bug, not the disk: the writer lives on for the waiters
+                logger.exception("could not save %d changes to %s", len(self._unsaved), self.path)
+                self._settle(f"{type(error).__name__}: {error}")
+                return
+            self._unsaved.clear()
+            self._unsaved_counters.clear()
+        self._settle(None)
+
+    def _take(self) -> None:
+        """Move everything queued into the unsaved changes; the latest change to a row wins."""
+        # As many as there are now: under a steady stream of changes the batch still ends.
+        for _ in range(len(self._queue)):
+            ticket, tasks, deleted, counters = self._queue.popleft()
+            for task in tasks:
+                self._unsaved[task.id] = task
+            for task_id in deleted:
+                self._unsaved[task_id] = None
+            self._unsaved_counters.update(counters)
+            self._taken = ticket
+
+    def _commit(self) -> None:
+        """Write the unsaved changes in one transaction; on any error roll it back and raise."""
+        rows = [self._row(task) for task in self._unsaved.values() if task is not None]
+        deleted = [(task_id,) for task_id, task in self._unsaved.items() if task is None]
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(self._upsert, rows)
+            connection.executemany("DELETE FROM tasks WHERE id = ?", deleted)
+            connection.executemany(_SET_COUNTER, self._unsaved_counters.items())
+            connection.execute("COMMIT")
+        except Exception:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    def _row(self, task: Task) -> tuple:
+        """A task's column values, JSON-encoded where the column holds JSON."""
+        values = []
+        for column in self._columns:
+            value = getattr(task, column.attribute)
+            if value is not None and column.encode is not None:
+                value = column.encode(value)
+            values.append(value)
+        return tuple(values)
+
+    def _settle(self, failure: str | None) -> None:
+        """Publish that the tickets taken are committed, or that their batch failed and why."""
+        with self._guard:
+            if failure is None:
+                self._committed = self._taken
+            else:
+                self._failed, self._failure = self._taken, failure
+            self._settled.notify_all()
+
+
+# ---------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------
 
@@ -905,6 +1363,8 @@ class TaskStore:
         retention: float = 604_800,
         clock: Callable[[], float] = time.time,
         max_waiters: int = 6,
+        path: str | None = None,
+        sync: str = "full",
     ) -> None:
         self.max_retries = max_retries
         self.task_timeout = task_timeout
@@ -925,11 +1385,42 @@ class TaskStore:
         self._stale_entries = 0  # queue entries whose task left the queue
         self._leases: list[tuple[float, str]] = []  # heap of (lease_expires_at, id)
         self._finished: list[tuple[float, str]] = []  # heap of (completed_at, id)
-        self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (task id, fingerprint)
-        self._sequence = itertools.count(1)
+        self._idempotency: dict[str, str] = {}  # key -> task id
+        self._sequence = 0  # the last number handed out, for creation order and queue places
         self._completed_seconds = 0.0  # started -> completed, summed over completed tasks
         self._retries_total = 0
         self._expired_leases_total = 0
+        #: What the current operation changed, to be written to the data file: id -> the
+        #: task, or None once deleted.
+        self._changed: dict[str, Task | None] = {}
+        #: The data file, when there is one; it only records what the store decided.
+        self._journal = None if path is None else _Journal(path, sync)
+        if self._journal is not None:
+            self._restore(*self._journal.load())
+
+    @classmethod
+    def from_config(cls, config: Config) -> TaskStore:
+        """A store with the configuration's settings; ConfigError when its data file is unusable."""
+        # Long-poll claims hold a waitress thread each; two stay free for everything else.
+        return cls(config.max_retries, config.task_timeout, config.retention,
+                   max_waiters=max(0, config.threads - 2), path=config.data_file,
+                   sync=config.data_sync)
+
+    @property
+    def path(self) -> str | None:
+        """The data file, or None for a store that lives in memory only."""
+        return None if self._journal is None else self._journal.path
+
+    def close(self) -> None:
+        """Wake waiting claims and close the data file (what is acknowledged is on disk already)."""
+        self.stop_waiting()
+        if self._journal is not None:
+            self._journal.close()
+
+    def __len__(self) -> int:
+        """How many tasks the store holds."""
+        with self._lock:
+            return len(self._tasks)
 
     @property
     def waiting_claims(self) -> int:
@@ -947,27 +1438,30 @@ class TaskStore:
         if idempotency_key is not None:
             IDEMPOTENCY_HEADER.clean(idempotency_key, IDEMPOTENCY_HEADER.name)
             fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        task_id = str(uuid.uuid4())  # os.urandom may release the GIL: not under the lock
         with self._transaction() as (now, events):
             if idempotency_key in self._idempotency:
-                task_id, seen = self._idempotency[idempotency_key]
-                if seen != fingerprint:
+                seen = self._tasks[self._idempotency[idempotency_key]]
+                if seen.fingerprint != fingerprint:
                     raise Conflict("Idempotency-Key was already used with a different body",
-                                   task_id=task_id)
-                return self._tasks[task_id].snapshot(), False
+                                   task_id=seen.id)
+                return seen.snapshot(), False
             task = Task(
-                id=str(uuid.uuid4()),
+                id=task_id,
                 max_retries=values.pop("max_retries", self.max_retries),
                 created_at=now,
                 updated_at=now,
-                number=next(self._sequence),
+                number=self._next_sequence(),
                 idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
                 **values,
             )
             self._tasks[task.id] = task
             self._index(task)
-            self._enqueue(task, next(self._sequence))
+            self._enqueue(task, self._next_sequence())
             if idempotency_key is not None:
-                self._idempotency[idempotency_key] = (task.id, fingerprint)
+                self._idempotency[idempotency_key] = task.id
+            self._touch(task)
             events.append(_event("created", task, prompt=_shorten(task.prompt)))
             return task.snapshot(), True
 
@@ -1083,6 +1577,7 @@ class TaskStore:
             if moves:
                 self._enqueue(task, seq)
             task.updated_at = now
+            self._touch(task)
             events.append(_event("updated", task))
             return task.snapshot()
 
@@ -1150,16 +1645,50 @@ class TaskStore:
     def _transaction(self) -> Iterator[tuple[float, list[dict]]]:
         """Hold the lock for one operation, after applying what time has decided.
 
-        Yields (now, events); the events are logged once the lock is released.
+        Yields (now, events). Before the lock is released, what the operation
+        changed is queued for the data file; once it is released, the operation
+        waits until that is on disk, so that an answer never shows a change the
+        disk has not got (StorageError when it cannot be saved). Then the events
+        are logged.
         """
         events: list[dict] = []
         try:
             with self._lock:
-                now = self._clock()
-                self._settle(now, events)
-                yield now, events
+                try:
+                    now = self._clock()
+                    self._settle(now, events)
+                    yield now, events
+                finally:
+                    ticket = self._journal_ticket()
+            if ticket is not None:
+                self._journal.wait(ticket)
         finally:
             _log_events(events)
+
+    def _journal_ticket(self) -> int | None:
+        """Queue this operation's changes for the data file; the ticket to wait for (lock held).
+
+        An operation that changed nothing still waits for the changes queued
+        before it: what it read may include them.
+        """
+        if self._journal is None:
+            return None
+        if not self._changed:
+            return self._journal.last_ticket
+        tasks, deleted = [], []
+        for task_id, task in self._changed.items():
+            if task is None:
+                deleted.append(task_id)
+            else:
+                task.version += 1
+                # The store replaces a task's lists and dicts, never changes them in
+                # place, so a shallow copy is a true snapshot; the writer thread
+                # encodes it after the lock is released.
+                tasks.append(copy.copy(task))
+        self._changed = {}
+        counters = {"sequence": self._sequence, "retries_total": self._retries_total,
+                    "expired_leases_total": self._expired_leases_total}
+        return self._journal.record(tasks, deleted, counters)
 
     def _settle(self, now: float, events: list[dict]) -> None:
         """Fail the leases that expired, then drop finished tasks past retention."""
@@ -1221,7 +1750,7 @@ class TaskStore:
         """Back to waiting, at the back of its priority, with no holder."""
         self._set_status(task, WAITING, now)
         task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
-        self._enqueue(task, next(self._sequence))
+        self._enqueue(task, self._next_sequence())
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
@@ -1237,6 +1766,7 @@ class TaskStore:
         """Give the holder a lease of one task timeout from now."""
         task.lease_expires_at = now + self.task_timeout
         heapq.heappush(self._leases, (task.lease_expires_at, task.id))
+        self._touch(task)
 
     def _set_status(self, task: Task, status: str, now: float) -> None:
         """Move a task to another status, keeping the indexes and counters true."""
@@ -1244,6 +1774,7 @@ class TaskStore:
         task.status = status
         task.updated_at = now
         self._index(task)
+        self._touch(task)
 
     def _remove(self, task: Task) -> None:
         """Forget a task entirely: indexes, queue entry and idempotency key."""
@@ -1252,6 +1783,18 @@ class TaskStore:
         self._unindex(task)
         del self._tasks[task.id]
         self._idempotency.pop(task.idempotency_key, None)
+        if self._journal is not None:
+            self._changed[task.id] = None
+
+    def _touch(self, task: Task) -> None:
+        """Note a changed task, to be written to the data file with this operation."""
+        if self._journal is not None:
+            self._changed[task.id] = task
+
+    def _next_sequence(self) -> int:
+        """The next number of the store's one sequence: creation order and queue places."""
+        self._sequence += 1
+        return self._sequence
 
     # -- indexes (lock held) -------------------------------------------------
 
@@ -1306,6 +1849,35 @@ class TaskStore:
                 live[directory] = entries
         self._queues = live
         self._stale_entries = 0
+
+    # -- the data file (at start) -------------------------------------------
+
+    def _restore(self, rows: list[dict], counters: Mapping[str, int]) -> None:
+        """Rebuild memory from the data file: tasks, queues, leases, retention, keys, counters.
+
+        Rows come in creation order, so the newest-first indexes and the dict's
+        order are as they were. A lease that ran out meanwhile expires at the
+        first operation, counted as usual.
+        """
+        with self._lock:
+            for row in rows:
+                place = row.pop("queue_seq")
+                task = Task(**row)
+                self._tasks[task.id] = task
+                self._index(task)
+                if task.status == WAITING:
+                    self._enqueue(task, place)
+                elif task.status == WORKING:
+                    self._leases.append((task.lease_expires_at, task.id))
+                elif self.retention:
+                    self._finished.append((task.completed_at, task.id))
+                if task.idempotency_key is not None:
+                    self._idempotency[task.idempotency_key] = task.id
+            heapq.heapify(self._leases)
+            heapq.heapify(self._finished)
+            self._sequence = counters.get("sequence", 0)
+            self._retries_total = counters.get("retries_total", 0)
+            self._expired_leases_total = counters.get("expired_leases_total", 0)
 
     # -- lookups (lock held) -------------------------------------------------
 
@@ -2563,9 +3135,7 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     """
     config = config or Config()
     if store is None:
-        # Long-poll claims hold a waitress thread each; two stay free for everything else.
-        store = TaskStore(config.max_retries, config.task_timeout, config.retention,
-                          max_waiters=max(0, config.threads - 2))
+        store = TaskStore.from_config(config)
     gate = _Gate(config)
     app = bottle.Bottle()
     for route in _ROUTES:
@@ -2658,7 +3228,8 @@ def running_server(config: Config | None = None, app: bottle.Bottle | None = Non
             urllib.request.urlopen(url + "/health")
     """
     config = dataclasses.replace(config or Config(), host="127.0.0.1", port=0)
-    server = _Server(create_app(config) if app is None else app, config)
+    store = TaskStore.from_config(config) if app is None else None  # ours to close
+    server = _Server(create_app(config, store) if app is None else app, config)
     thread = threading.Thread(target=server.run, name="orchestrator-server", daemon=True)
     thread.start()
     try:
@@ -2666,6 +3237,8 @@ def running_server(config: Config | None = None, app: bottle.Bottle | None = Non
     finally:
         server.stop()
         thread.join()
+        if store is not None:
+            store.close()
 
 
 def _argument_parser() -> argparse.ArgumentParser:
@@ -2682,6 +3255,9 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", help="listen port, 0 for any free one "
                                        "(APP_SERVER_PORT, default 8080)")
     parser.add_argument("--threads", help="worker threads (APP_SERVER_THREADS, default 8)")
+    parser.add_argument("--data-file", metavar="PATH",
+                        help="keep the tasks in this SQLite file across restarts "
+                             "(APP_DATA_FILE; default: in memory only)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -2699,14 +3275,17 @@ def _main_serve(argv: list[str]) -> int:
     """Run the server until SIGINT or SIGTERM; exit status 2 for a bad setting."""
     args = _argument_parser().parse_args(argv)
     try:
-        config = Config.from_env().with_flags(host=args.host, port=args.port, threads=args.threads)
+        config = Config.from_env().with_flags(host=args.host, port=args.port,
+                                              threads=args.threads, data_file=args.data_file)
+        store = TaskStore.from_config(config)
     except ConfigError as error:
         print(f"orchestrator.py: {error}", file=sys.stderr)
         return 2
     _configure_logging(config)
     try:
-        server = _Server(create_app(config), config)
+        server = _Server(create_app(config, store), config)
     except OSError as error:
+        store.close()
         print(f"orchestrator.py: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 1
@@ -2715,10 +3294,40 @@ def _main_serve(argv: list[str]) -> int:
     if not _is_loopback(config.host) and config.api_key is None:
         logger.warning("listening on a non-loopback address without APP_SECURITY_API_KEY: "
                        "anyone who reaches this port can queue prompts for your agents")
-    print(f"orchestrator {__version__} listening on {server.url}", flush=True)
+    print(f"orchestrator {__version__} listening on {server.url}; {_keeping(store)}", flush=True)
     server.run()
-    logger.info("stopped")
+    try:
+        store.close()
+    except StorageError as error:  # the last changes could not be saved; they were not acknowledged
+        logger.error("%s", error.message)
+    if store.path is None and len(store):
+        logger.warning("stopped; %s", _kept(store))
+    else:
+        logger.info("stopped; %s", _kept(store))
     return 0
+
+
+def _keeping(store: TaskStore) -> str:
+    """The startup line's word on where the tasks live."""
+    if store.path is None:
+        return "tasks live in memory only (set APP_DATA_FILE to keep them)"
+    return f"{_count(len(store), 'task')} loaded from {store.path}"
+
+
+def _kept(store: TaskStore) -> str:
+    """The shutdown line's word on what became of the tasks."""
+    if store.path is not None:
+        return f"{_count(len(store), 'task')} kept in {store.path}"
+    if not len(store):
+        return "no tasks were in memory"
+    were, are = ("was", "is") if len(store) == 1 else ("were", "are")
+    return (f"{_count(len(store), 'task')} {were} in memory and {are} gone "
+            "(set APP_DATA_FILE to keep them)")
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 task', '50 tasks'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 # -- mcp-stdio: for MCP clients that only start local processes ---------------

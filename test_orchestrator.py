@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1405,16 +1407,21 @@ def test_importing_the_module_has_no_side_effects():
 
 
 class ServerProcess:
-    """`python orchestrator.py` in a subprocess, with the URL from its first line."""
+    """`python orchestrator.py` in a subprocess, with the URL from its first line.
 
-    def __init__(self, **env):
+    `code` runs instead of the module's own main (it must call orchestrator.main).
+    """
+
+    def __init__(self, *args, code=None, **env):
+        command = [sys.executable, str(MODULE)] if code is None else [sys.executable, "-c", code]
         self.process = subprocess.Popen(
-            [sys.executable, str(MODULE)], text=True,
-            env={**os.environ, "APP_SERVER_PORT": "0", **env},
+            [*command, *args], text=True, cwd=MODULE.parent,
+            env={**os.environ, "APP_SERVER_PORT": "0", "APP_SECURITY_RATE_LIMIT": "0", **env},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.first_line = self.process.stdout.readline()
-        self.url = self.first_line.split()[-1] if self.first_line else None
+        found = re.search(r"listening on (http://[^\s;]+)", self.first_line)
+        self.url = found.group(1) if found else None
 
     def stop(self, signum=signal.SIGTERM):
         """Send a signal; return (exit status, everything it wrote to stderr)."""
@@ -1430,6 +1437,7 @@ def test_server_prints_its_url_and_stops_cleanly_on_a_signal(signum):
     server = ServerProcess(APP_LOG_FORMAT="json")
     assert server.first_line.startswith("orchestrator ")
     assert " listening on http://127.0.0.1:" in server.first_line
+    assert "tasks live in memory only" in server.first_line
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
     connection.request("GET", "/health")
     assert connection.getresponse().status == 200
@@ -1448,6 +1456,487 @@ def test_listening_beyond_loopback_without_a_key_warns():
     assert status == 0
     assert "WARNING" in stderr and "without APP_SECURITY_API_KEY" in stderr
 
+
+# ---------------------------------------------------------------------------
+# Keeping tasks: the data file
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def data_file(tmp_path):
+    return str(tmp_path / "tasks.db")
+
+
+@pytest.fixture
+def open_store(clock, data_file):
+    """Open stores on the data file (with the test's clock); each is closed at the end."""
+    opened = []
+
+    def open_store(**settings):
+        store = TaskStore(**{"max_retries": 2, "task_timeout": 60, "retention": 3600,
+                             "clock": clock, "path": data_file, **settings})
+        opened.append(store)
+        return store
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+def everything(store):
+    """Every task as the API shows it, newest first, and the counters."""
+    tasks = [task.to_dict() for task in store.list({"limit": 1000})["tasks"]]
+    counters = store.statistics()
+    del counters["uptime_seconds"]
+    return tasks, counters
+
+
+def claim_order(store, directory):
+    """Claim every claimable task of a directory; their prompts in claim order."""
+    order = []
+    while (task := store.claim(directory, "drain")) is not None:
+        order.append(task.prompt)
+    return order
+
+
+def populate(store, clock):
+    """Tasks in every status, with leases, keys, counters, a PATCH and re-queues."""
+    ids = {}
+    for number, (directory, priority) in enumerate([
+        ("/a", "low"), ("/a", "high"), ("/a", "medium"), ("/a", "high"), ("/a", "medium"),
+        ("/b", "medium"), ("/b", "medium"), ("/b", "low"), ("/a", "low"), ("/a", "medium"),
+    ]):
+        fields = {"work_directory": directory, "prompt": f"p{number}", "priority": priority,
+                  "tags": [f"t{number}"], "metadata": {"n": number, "nested": {"x": [1.5]}}}
+        task, _ = store.create(fields, idempotency_key=f"key-{number}")
+        ids[number] = task.id
+        clock.advance(1)
+    store.update(ids[0], {"priority": "high"})  # keeps its place in time
+    done = store.claim("/b", "w1")
+    store.complete(done.id, {"result": {"output": "ok", "duration_ms": 5}})
+    again = store.claim("/b", "w2")
+    store.fail(again.id, {"error": "flaky"})  # re-queued, at the back
+    failed = store.claim("/a", "w3")
+    store.fail(failed.id, {"error": "broken", "retry": False})
+    store.cancel(ids[8], {"reason": "not now"})
+    expired = store.claim("/a", "w4")
+    clock.advance(61)  # its lease runs out: re-queued at the next operation
+    store.statistics()
+    store.claim("/a", "holder")  # a lease that is still held
+    store.delete(ids[9])
+    store.retry(failed.id)
+    clock.advance(1)
+    return ids, expired
+
+
+def test_a_restart_restores_every_task_the_queues_keys_and_counters(open_store, clock):
+    store = open_store()
+    ids, _ = populate(store, clock)
+    before = everything(store)
+    assert before[1]["retries_total"] >= 2 and before[1]["expired_leases_total"] == 1
+    store.close()
+    reopened = open_store()
+    assert everything(reopened) == before
+    with pytest.raises(Conflict) as reused:  # the keys came back with their bodies
+        reopened.create({"work_directory": "/a", "prompt": "other"}, idempotency_key="key-1")
+    assert reopened.create({"work_directory": "/a", "prompt": "p1", "priority": "high",
+                            "tags": ["t1"], "metadata": {"n": 1, "nested": {"x": [1.5]}}},
+                           idempotency_key="key-1")[0].id == ids[1]
+    assert reused.value.details["task_id"] == ids[1]
+    twin_clock = FakeClock()  # the same history in memory only
+    twin = TaskStore(max_retries=2, task_timeout=60, retention=3600, clock=twin_clock)
+    populate(twin, twin_clock)
+    assert claim_order(reopened, "/a") == claim_order(twin, "/a")
+    assert claim_order(reopened, "/b") == claim_order(twin, "/b")
+
+
+def test_new_tasks_after_a_restart_queue_behind_the_old_ones(open_store):
+    store = open_store()
+    store.create({"work_directory": "/r", "prompt": "old"})
+    store.close()
+    reopened = open_store()
+    reopened.create({"work_directory": "/r", "prompt": "new"})
+    assert claim_order(reopened, "/r") == ["old", "new"]
+    assert [t.prompt for t in reopened.list()["tasks"]] == ["new", "old"]
+
+
+def test_a_lease_that_ran_out_while_the_server_was_down_expires_at_the_first_request(
+        open_store, clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    store.close()
+    clock.advance(61)
+    reopened = open_store()
+    again = reopened.get(task.id)
+    assert (again.status, again.retry_count, again.worker_id) == ("waiting", 1, None)
+    assert reopened.statistics()["expired_leases_total"] == 1
+
+
+def test_a_held_lease_survives_a_restart_for_its_worker(open_store, clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    store.close()
+    clock.advance(30)
+    reopened = open_store()
+    assert reopened.heartbeat(task.id, {"worker_id": "w"}).status == "working"
+    assert reopened.complete(task.id, {"worker_id": "w"}).status == "completed"
+
+
+def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.cancel(task.id)
+    store.close()
+    clock.advance(3601)
+    reopened = open_store()
+    assert reopened.statistics()["total_tasks"] == 0  # dropped at the first operation
+    reopened.close()
+    assert len(open_store()) == 0  # and from the file too
+
+
+def test_a_deleted_task_stays_deleted_after_a_restart(open_store):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"}, idempotency_key="k")
+    store.delete(task.id)
+    store.close()
+    reopened = open_store()
+    with pytest.raises(NotFound):
+        reopened.get(task.id)
+    assert reopened.create({"work_directory": "/r", "prompt": "p"}, "k")[1] is True
+
+
+def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(open_store,
+                                                                           data_file):
+    first = open_store()
+    with pytest.raises(ConfigError, match="in use by another process") as refused:
+        TaskStore(path=data_file)
+    assert data_file in refused.value.message
+    first.close()
+    open_store()
+
+
+def test_a_second_server_on_the_same_file_exits_2(open_store, data_file, capsys):
+    open_store()
+    assert orchestrator.main(["--data-file", data_file, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert data_file in err and "in use by another process" in err and "Traceback" not in err
+
+
+def bad_data_files(tmp_path):
+    """Each kind of unusable data file: (path, words the refusal must contain)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database, just notes\n" * 100)
+    foreign = tmp_path / "foreign.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as connection:
+        connection.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.commit()
+    newer = tmp_path / "newer.db"
+    TaskStore(path=str(newer)).close()
+    with contextlib.closing(sqlite3.connect(newer)) as connection:
+        connection.execute("PRAGMA user_version = 999")
+        connection.commit()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return {
+        "missing directory": (tmp_path / "no" / "such" / "tasks.db", "directory"),
+        "parent is a file": (blocker / "tasks.db", "directory"),
+        "not a database": (text, "not"),
+        "another program's database": (foreign, "not"),
+        "a newer schema": (newer, "newer"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing directory", "parent is a file", "not a database",
+                                  "another program's database", "a newer schema"])
+def test_an_unusable_data_file_exits_2_naming_it(tmp_path, capsys, case):
+    path, words = bad_data_files(tmp_path)[case]
+    assert orchestrator.main(["--data-file", str(path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and words in err and "Traceback" not in err
+    if case == "not a database":
+        assert path.read_text().startswith("not a database")  # left as it was
+
+
+def test_the_data_file_can_be_read_with_sqlite(open_store, data_file):
+    store = open_store()
+    for prompt in ("a", "b"):
+        store.create({"work_directory": "/r", "prompt": prompt})
+    store.claim("/r", "w")
+    with contextlib.closing(sqlite3.connect(data_file)) as connection:
+        rows = connection.execute(
+            "select status, count(*) from tasks group by status order by status").fetchall()
+    assert rows == [("waiting", 1), ("working", 1)]
+
+
+@contextlib.contextmanager
+def failing_commits(store):
+    """Every commit to the store's data file fails, as on a full disk."""
+    journal = store._journal  # no public way to fill a disk
+
+    def disk_full():
+        raise sqlite3.OperationalError("database or disk is full")
+    journal._commit = disk_full
+    try:
+        yield
+    finally:
+        del journal._commit
+
+
+def test_a_failed_commit_answers_503_and_acknowledges_nothing(open_store, clock, data_file):
+    store = open_store()
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    kept = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "kept"}).json
+    with failing_commits(store):
+        res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "lost"},
+                               status=503)
+        assert res.json["error"]["code"] == "STORAGE_ERROR"
+        assert data_file in res.json["error"]["message"]
+        client.get("/api/v1/statistics", status=503)  # it shows the unsaved task
+    store.close()
+    reopened = open_store()
+    assert [task.prompt for task in reopened.list()["tasks"]] in (["kept"], ["lost", "kept"])
+    assert reopened.get(kept["data"]["id"]).prompt == "kept"
+
+
+def test_after_a_failed_commit_the_next_one_saves_what_was_missed(open_store):
+    store = open_store()
+    with failing_commits(store), pytest.raises(orchestrator.StorageError):
+        store.create({"work_directory": "/r", "prompt": "retried with the next batch"})
+    store.create({"work_directory": "/r", "prompt": "next"})
+    store.close()
+    assert len(open_store()) == 2
+
+
+def test_the_server_says_where_its_tasks_are_kept(data_file):
+    first = ServerProcess("--data-file", data_file)
+    assert "0 tasks loaded from " + data_file in first.first_line
+    urllib.request.urlopen(urllib.request.Request(
+        first.url + "/api/v1/tasks", data=b'{"work_directory": "/r", "prompt": "p"}',
+        headers={"Content-Type": "application/json"}), timeout=10).close()
+    status, stderr = first.stop()
+    assert status == 0 and "1 task kept in " + data_file in stderr
+    second = ServerProcess(APP_DATA_FILE=data_file)
+    assert "1 task loaded from " + data_file in second.first_line
+    second.stop()
+
+
+def test_a_server_without_a_data_file_says_its_tasks_are_gone():
+    server = ServerProcess()
+    urllib.request.urlopen(urllib.request.Request(
+        server.url + "/api/v1/tasks", data=b'{"work_directory": "/r", "prompt": "p"}',
+        headers={"Content-Type": "application/json"}), timeout=10).close()
+    status, stderr = server.stop()
+    assert status == 0
+    assert ("stopped; 1 task was in memory and is gone (set APP_DATA_FILE to keep them)"
+            in stderr)
+
+
+
+# -- the journal underneath: versions, group commit, new fields -------------------
+
+def journal_task(number, **changes):
+    """A waiting Task as the store would hand it to the journal."""
+    return orchestrator.Task(**{
+        "id": f"task-{number}", "work_directory": "/r", "prompt": "p", "priority": "medium",
+        "tags": [], "metadata": {}, "max_retries": 3, "created_at": 1000.0 + number,
+        "updated_at": 1000.0 + number, "number": number,
+        "queue_entry": (1, number, f"task-{number}"), "version": 1, **changes})
+
+
+def save(journal, tasks=(), deleted=()):
+    """Record changes as the store does (under a lock), then wait until they are on disk."""
+    with threading.Lock():
+        ticket = journal.record(list(tasks), list(deleted), {})
+    journal.wait(ticket)
+
+
+def test_an_older_version_of_a_row_never_overwrites_a_newer_one(data_file):
+    journal = orchestrator._Journal(data_file)
+    save(journal, [journal_task(1, prompt="newer", version=5)])
+    save(journal, [journal_task(1, prompt="older", version=4)])
+    rows, _ = journal.load()
+    journal.close()
+    assert [(row["prompt"], row["version"]) for row in rows] == [("newer", 5)]
+
+
+def test_changes_queued_together_share_one_commit(data_file):
+    journal = orchestrator._Journal(data_file)
+    tickets = [journal.record([journal_task(n)], [], {}) for n in range(8)]
+    waiters = [Background(journal.wait, ticket) for ticket in tickets]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.finish()
+    assert journal.commits == 1
+    assert len(journal.load()[0]) == 8
+    journal.close()
+
+
+def test_a_field_added_to_the_task_later_gets_a_column_and_old_rows_its_default(
+        data_file, monkeypatch):
+    journal = orchestrator._Journal(data_file)
+    save(journal, [journal_task(1)])
+    journal.close()
+
+    @dataclasses.dataclass(slots=True)
+    class LaterTask(orchestrator.Task):
+        progress: str | None = None
+        depends_on: list = dataclasses.field(default_factory=list)
+    monkeypatch.setattr(orchestrator, "Task", LaterTask)
+    later = orchestrator._Journal(data_file)
+    newer = LaterTask(**{**dataclasses.asdict(journal_task(2)), "progress": "half",
+                         "depends_on": ["task-1"]})
+    save(later, [newer])
+    rows, _ = later.load()
+    later.close()
+    assert [(row["progress"], row["depends_on"]) for row in rows] == [
+        (None, []), ("half", ["task-1"])]
+
+
+@pytest.mark.parametrize("sync, level", [("full", 2), ("normal", 1)])
+def test_data_sync_sets_how_sqlite_syncs(data_file, sync, level):
+    store = TaskStore.from_config(Config(data_file=data_file, data_sync=sync))
+    store.close()
+    with contextlib.closing(sqlite3.connect(data_file)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    config = Config.from_env({"APP_DATA_FILE": data_file, "APP_DATA_SYNC": sync.upper()})
+    assert (config.data_file, config.data_sync) == (data_file, sync)
+    journal = orchestrator._Journal(data_file, sync)
+    try:
+        assert journal._connection.execute("PRAGMA synchronous").fetchone()[0] == level
+    finally:
+        journal.close()
+
+# -- a crash over a real process: kill -9 under load loses nothing acknowledged ----
+
+CRASHING_SERVER = """
+import sys, time, orchestrator
+mode = sys.argv.pop(1)
+commit = orchestrator._Journal._commit
+def slow_commit(journal):
+    time.sleep(0.02)  # a slow disk: a wide window between a change and its commit
+    commit(journal)
+orchestrator._Journal._commit = slow_commit
+if mode == "broken":
+    # Acknowledges before committing: the variant the crash test must catch.
+    orchestrator._Journal.wait = lambda journal, ticket: None
+sys.exit(orchestrator.main(sys.argv[1:]))
+"""
+
+
+def call(url, method, path, body=None, headers=None):
+    """One request on a fresh connection: (status, envelope); OSError or HTTPException if cut."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    try:
+        connection.request(method, path, None if body is None else json.dumps(body),
+                           {"Content-Type": "application/json", **(headers or {})})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+class Load:
+    """Client threads that create (with keys), claim, complete and delete, noting what was
+    acknowledged, until the server goes away."""
+
+    def __init__(self, url, cycle, threads=6):
+        self.url = url
+        self.cycle = cycle
+        self.created = {}  # idempotency key -> task id
+        self.claimed = {}  # task id -> worker id
+        self.completed = set()
+        self.deleted = set()
+        self.unacknowledged = []  # create bodies whose answer never came
+        self.threads = [threading.Thread(target=self.work, args=(n,), daemon=True)
+                        for n in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def work(self, number):
+        directory, worker = f"/crash/{self.cycle}/{number}", f"w{number}"
+        for step in itertools.count():
+            key = f"{self.cycle}-{number}-{step}"
+            body = {"work_directory": directory, "prompt": key}
+            try:
+                status, answer = call(self.url, "POST", "/api/v1/tasks", body,
+                                      {"Idempotency-Key": key})
+            except (OSError, http.client.HTTPException):
+                self.unacknowledged.append((key, body))
+                return
+            assert status == 201, answer
+            task_id = self.created[key] = answer["data"]["id"]
+            try:
+                status, answer = call(self.url, "GET", f"/api/v1/tasks/next?work_path="
+                                      f"{directory}&worker_id={worker}")
+                assert status == 200 and answer["data"]["id"] == task_id, answer
+                self.claimed[task_id] = worker
+                status, answer = call(self.url, "POST", f"/api/v1/tasks/{task_id}/complete",
+                                      {"worker_id": worker})
+                assert status == 200, answer
+                self.completed.add(task_id)
+                if step % 3 == 0:
+                    assert call(self.url, "DELETE", f"/api/v1/tasks/{task_id}")[0] == 200
+                    self.deleted.add(task_id)
+            except (OSError, http.client.HTTPException):
+                return
+
+    def join(self):
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def lost_acknowledgements(url, load):
+    """What a restarted server shows against what the load saw acknowledged; [] when nothing."""
+    problems = []
+    for key, task_id in load.created.items():
+        status, answer = call(url, "GET", f"/api/v1/tasks/{task_id}")
+        task = answer["data"]
+        if task_id in load.deleted:
+            if status != 404:
+                problems.append(f"deleted task {key} came back")
+        elif status != 200:
+            problems.append(f"acknowledged create {key} is lost")
+        elif task_id in load.completed and task["status"] != "completed":
+            problems.append(f"acknowledged complete of {key} is lost: {task['status']}")
+        elif task_id in load.claimed and task["status"] == "waiting":
+            problems.append(f"acknowledged claim of {key} is lost")
+    for key, body in load.unacknowledged:  # retried with their keys: exactly one task each
+        status, answer = call(url, "POST", "/api/v1/tasks", body, {"Idempotency-Key": key})
+        assert status in (200, 201), answer
+        same = call(url, "GET", "/api/v1/tasks?limit=1000&work_directory="
+                    + body["work_directory"])[1]["data"]["tasks"]
+        if [task["prompt"] for task in same].count(key) != 1:
+            problems.append(f"retried create {key} made {len(same)} tasks")
+    return problems
+
+
+def crash_under_load(data_file, mode, cycle):
+    """Serve the file, load it, kill -9 mid-load; then check it with a restarted server."""
+    server = ServerProcess(mode, "--data-file", data_file, code=CRASHING_SERVER)
+    assert server.url, server.process.stderr.read()
+    load = Load(server.url, cycle)
+    wait_until(lambda: len(load.created) >= 30)
+    server.process.kill()
+    server.process.wait(timeout=10)
+    load.join()
+    restarted = ServerProcess("--data-file", data_file)
+    try:
+        return lost_acknowledgements(restarted.url, load), load
+    finally:
+        restarted.stop()
+
+
+def test_kill_9_under_load_loses_nothing_acknowledged(data_file):
+    for cycle in range(3):
+        problems, load = crash_under_load(data_file, "durable", cycle)
+        assert problems == [], problems
+        assert load.completed and load.deleted  # the load did all four kinds of change
+
+
+def test_the_crash_test_catches_a_server_that_acknowledges_before_committing(data_file):
+    problems, _ = crash_under_load(data_file, "broken", 0)
+    assert problems, "a server that answers before its commit lost nothing: the test is blind"
 
 # ---------------------------------------------------------------------------
 # Logging
