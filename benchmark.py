@@ -1,17 +1,26 @@
-"""Measure the store's costs as the queue grows: `python benchmark.py` (or `make bench`).
+"""Measure the store's costs: `python benchmark.py` (or `make bench`).
 
 Times are compared as ratios within one run (the machine is shared and noisy):
 each operation runs on a store of 1,000 tasks and on one of 100,000, and each
 figure is the best mean of several repeats. Memory is measured with tracemalloc.
+Then the data file: throughput over HTTP with 8 clients, in memory against
+APP_DATA_SYNC=full and normal, and the time to load 100,000 tasks at startup.
 """
 
+import copy
+import dataclasses
 import gc
+import http.client
+import json
+import os
 import statistics
 import sys
+import tempfile
+import threading
 import time
 import tracemalloc
 
-from orchestrator import TaskStore
+from orchestrator import Config, TaskStore, _Journal, running_server
 
 SMALL, LARGE = 1_000, 100_000
 
@@ -80,6 +89,89 @@ def report(name: str, small: float, large: float, bound: float) -> None:
     print(f"{name:<42} {small:8.1f} µs {large:8.1f} µs   ×{ratio:4.2f}  (≤ ×{bound}) {verdict}")
 
 
+CLIENTS, PER_CLIENT = 8, 150
+
+
+def http_throughput(config: Config) -> tuple[float, float]:
+    """(creates per second, claim-then-completes per second) over HTTP with 8 clients."""
+    with running_server(config) as url:
+        address = url.removeprefix("http://")
+
+        def run(work) -> float:
+            threads = [threading.Thread(target=work, args=(n, address)) for n in range(CLIENTS)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return CLIENTS * PER_CLIENT / (time.perf_counter() - started)
+        return run(_creates), run(_claims_and_completes)
+
+
+def _request(connection: http.client.HTTPConnection, method: str, path: str,
+             body: dict | None = None) -> dict:
+    """One request on a kept-alive connection; the envelope's data."""
+    connection.request(method, path, None if body is None else json.dumps(body),
+                       {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    envelope = json.loads(answer.read())
+    assert answer.status < 300, envelope
+    return envelope["data"]
+
+
+def _creates(client: int, address: str) -> None:
+    """One client's creates, in a directory of its own."""
+    connection = http.client.HTTPConnection(address, timeout=30)
+    for i in range(PER_CLIENT):
+        _request(connection, "POST", "/api/v1/tasks",
+                 {"work_directory": f"/bench/{client}", "prompt": f"task {i}"})
+    connection.close()
+
+
+def _claims_and_completes(client: int, address: str) -> None:
+    """One client claims each task of its directory and completes it."""
+    connection = http.client.HTTPConnection(address, timeout=30)
+    for _ in range(PER_CLIENT):
+        task = _request(connection, "GET", f"/api/v1/tasks/next?work_path=/bench/{client}"
+                                           "&worker_id=w")
+        _request(connection, "POST", f"/api/v1/tasks/{task['id']}/complete", {"worker_id": "w"})
+    connection.close()
+
+
+def data_file_figures(folder: str) -> None:
+    """The durable store against the in-memory one, as ratios in one run; best of three."""
+    base = Config(rate_limit=0, threads=8, log_level="warning")
+    modes = {"in memory": None, "data file, full": "full", "data file, normal": "normal"}
+    best = {name: (0.0, 0.0) for name in modes}
+    for repeat in range(3):
+        for name, sync in modes.items():
+            config = base if sync is None else dataclasses.replace(
+                base, data_file=os.path.join(folder, f"{sync}-{repeat}.db"), data_sync=sync)
+            creates, cycles = http_throughput(config)
+            best[name] = (max(best[name][0], creates), max(best[name][1], cycles))
+    memory = best["in memory"]
+    print(f"\nover HTTP, {CLIENTS} clients      creates/s   claim+complete/s   ratio to memory")
+    for name, (creates, cycles) in best.items():
+        print(f"{name:<26} {creates:10.0f} {cycles:18.0f}       ×{creates / memory[0]:.2f}"
+              f" / ×{cycles / memory[1]:.2f}")
+
+
+def startup_seconds(folder: str, count: int = LARGE) -> float:
+    """Seconds to open a data file holding `count` tasks (written in one batch)."""
+    path = os.path.join(folder, "large.db")
+    store = filled_store(count)
+    journal = _Journal(path)
+    tasks = [copy.copy(task) for task in store._tasks.values()]  # as the store hands them over
+    lock = threading.Lock()
+    with lock:
+        ticket = journal.record(tasks, [], {"sequence": 2 * count})
+    journal.wait(ticket)
+    journal.close()
+    started = time.perf_counter()
+    TaskStore(path=path).close()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     print(f"{'operation':<42} {'1,000 tasks':>11} {'100,000':>11}   ratio")
     small, large = filled_store(SMALL), filled_store(LARGE)
@@ -94,6 +186,9 @@ def main() -> None:
     extra, strings = bytes_per_task(LARGE)
     print(f"memory per task beyond its own strings: {extra:.0f} bytes "
           f"(its strings: {strings:.0f}; bound 1024) {'ok' if extra <= 1024 else 'OVER'}")
+    with tempfile.TemporaryDirectory() as folder:
+        data_file_figures(folder)
+        print(f"startup with {LARGE:,} tasks in the data file: {startup_seconds(folder):.2f} s")
 
 
 if __name__ == "__main__":

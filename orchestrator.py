@@ -4,11 +4,14 @@ Clients create tasks (a prompt plus the absolute work directory it applies to);
 workers claim the next task for their directory, hold it under a lease, and
 report success or failure. Failures and expired leases are retried up to a
 limit. One in-memory store answers two protocols: a REST API under /api/v1
-(described at /openapi.json) and an MCP endpoint at /mcp, for agents.
+(described at /openapi.json) and an MCP endpoint at /mcp, for agents. With a
+data file (APP_DATA_FILE) every change is also written through to SQLite before
+it is acknowledged, so the queue survives a restart or a kill -9.
 
-Needs Python 3.11+, bottle and waitress. Limits: the store lives in memory, so
-a restart loses every task; delivery is at-least-once, so a task whose lease
-expires goes to the next worker, and its former holder can no longer report on it.
+Needs Python 3.11+, bottle and waitress. Limits: one process per data file;
+without one, a restart loses every task. Delivery is at-least-once, so a task
+whose lease expires goes to the next worker, and its former holder can no
+longer report on it.
 
 Run it:
 
@@ -22,7 +25,8 @@ Embed it in tests:
         ...                                  # talk HTTP to url
 
 Sections, in dependency order: configuration, errors, the task and its life
-cycle, request declarations, logging, the store, the rate limiter, HTTP (the
+cycle, request declarations, logging, the data file, the store, the rate
+limiter, HTTP (the
 gate, the handlers, the route table), response schemas, MCP, the OpenAPI
 document, serving and the command line (with the stdio relay and the worker).
 """
@@ -127,7 +131,7 @@ logger = logging.getLogger("orchestrator")
 def _integer(low: int, high: int) -> Callable[[str], int]:
     """A parser for a whole number from low to high."""
     def parse(raw: str) -> int:
-        if not re.fullmatch(r"\s*-?\d{1,18}\s*", raw):
+        if not re.fullmatch(r"\s*-?[0-9]{1,18}\s*", raw):
             raise ValueError(f"an integer from {low} to {high}")
         value = int(raw)
         if not low <= value <= high:
@@ -161,8 +165,10 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 def _hosts(raw: str) -> tuple[str, ...]:
     """A comma-separated list of host names, each with an optional :port."""
-    hosts = tuple(part.strip().lower() for part in raw.split(","))
-    if not all(_HOST_PATTERN.fullmatch(host) and _host_port(host)[1] != 0 for host in hosts):
+    hosts = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    if not hosts or not all(
+        _HOST_PATTERN.fullmatch(host) and _host_port(host)[1] != 0 for host in hosts
+    ):
         raise ValueError("comma-separated host names, each with an optional :port, "
                          "like box.lan,box.lan:8080")
     return hosts
@@ -170,16 +176,18 @@ def _hosts(raw: str) -> tuple[str, ...]:
 
 #: A host name, an IPv4 address or a bracketed IPv6 one, then an optional port.
 _HOST_PATTERN = re.compile(
-    r"(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?)"
+    r"(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?)"
     r"(:[0-9]{1,5})?", re.IGNORECASE)
 
 
 def _host_port(host: str) -> tuple[str, int | None]:
-    """A Host header split into its lower-case name and its port (None when absent)."""
+    """A Host header split into its lower-case name and its port (None when absent, 0 when
+    it is not a port)."""
     name, colon, port = host.rpartition(":")
     if not colon or name.count(":") and not name.endswith("]"):
         return host.lower(), None  # no port, or a bare IPv6 address
-    return name.lower(), int(port) if port.isdigit() and int(port) <= 65535 else 0
+    valid = re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535
+    return name.lower(), int(port) if valid else 0
 
 
 def _origin_key(origin: str) -> tuple[str, str, int] | None:
@@ -195,10 +203,18 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
 
 
 def _is_loopback(host: str) -> bool:
-    """Whether an address or host name means this machine only."""
+    """Whether an address or host name means this machine only.
+
+    IPv4 has legacy spellings (127.1, 0x7f000001) that bind, and resolve, to
+    127.0.0.1 all the same; inet_aton reads them as the OS does.
+    """
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host)).is_loopback
+    except (OSError, ValueError):  # not an address at all: a name
         return host.lower() == "localhost"
 
 
@@ -678,7 +694,7 @@ _MAX_SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader holds exa
 
 WORK_DIRECTORY = Field(
     "work_directory", "string", required=True, min_length=1, max_length=1000,
-    pattern=r"^(/|[A-Za-z]:[\\/])[^\x00-\x1f\x7f]*$",
+    pattern=r"^(/|[A-Za-z]:[\\/])[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$",
     pattern_rule="must be an absolute path (/... or C:\\...) without control characters",
     normalize=_normalize_path,
     description="Absolute directory the task applies to; stored normalized.",
@@ -707,7 +723,7 @@ MAX_RETRIES = Field(
 )
 WORKER_ID = Field(
     "worker_id", "string", min_length=1, max_length=100,
-    pattern=r"^[^\x00-\x1f\x7f]+$", pattern_rule="must be printable characters",
+    pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$", pattern_rule="must be printable characters",
     description="Who holds (or claims) the task.",
 )
 TASK_ID = Field(
@@ -1342,8 +1358,11 @@ class TaskStore:
     """The thread-safe, in-memory store of tasks and their life cycle.
 
     Every method validates its input against the declarations above, then
-    does its work in one step under the lock. Time comes from `clock` (epoch
-    seconds), so a test can expire a lease without sleeping:
+    does its work in one step under the lock. With `path`, every change is
+    also written to that SQLite file before the method returns, and a new
+    store on the same file continues where the last one stopped (close() it
+    when done). Time comes from `clock` (epoch seconds), so a test can expire a
+    lease without sleeping:
 
         now = [1000.0]
         store = TaskStore(task_timeout=60, clock=lambda: now[0])
@@ -1353,7 +1372,9 @@ class TaskStore:
         store.get(task.id).status         # 'waiting', retry_count 1
 
     Methods raise ValidationError for bad input, NotFound for an unknown task,
-    and Conflict when the task's state or holder forbids the change.
+    Conflict when the task's state or holder forbids the change, and
+    StorageError when the data file could not be written. Opening a data file
+    that cannot be used raises ConfigError.
     """
 
     def __init__(
@@ -1443,8 +1464,8 @@ class TaskStore:
             if idempotency_key in self._idempotency:
                 seen = self._tasks[self._idempotency[idempotency_key]]
                 if seen.fingerprint != fingerprint:
-                    raise Conflict("Idempotency-Key was already used with a different body",
-                                   task_id=seen.id)
+                    raise Conflict(f"Idempotency-Key was already used with a different body, "
+                                   f"by task {seen.id}", task_id=seen.id)
                 return seen.snapshot(), False
             task = Task(
                 id=task_id,
@@ -2119,8 +2140,11 @@ class _Gate:
     def __init__(self, config: Config) -> None:
         self.api_key = config.api_key
         self.max_body = config.max_body
-        self.allowed_origins = {_origin_key(origin) for origin in config.allowed_origins}
-        self.allowed_hosts = {_host_port(host) for host in config.allowed_hosts}
+        # A Config built in Python is not parsed: entries that mean nothing are left out.
+        self.allowed_origins = {key for origin in config.allowed_origins
+                                if (key := _origin_key(origin)) is not None}
+        self.allowed_hosts = {(name, port) for name, port in map(_host_port, config.allowed_hosts)
+                              if port != 0}
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.loopback_only = _is_loopback(config.host)
         #: A loopback server always checks Host; one bound further out only when told
@@ -2154,11 +2178,12 @@ class _Gate:
         if not self.checks_host or host is None:
             return
         name, port = _host_port(host)
-        if _is_loopback(name) and port != 0:
+        if port != 0 and (
+            _is_loopback(name) or (name, None) in self.allowed_hosts
+            or (name, port) in self.allowed_hosts
+        ):
             return
-        if (name, None) in self.allowed_hosts or (name, port) in self.allowed_hosts:
-            return
-        raise Forbidden(f"host {_shorten(host)} is not allowed; "
+        raise Forbidden(f"host {json.dumps(_shorten(host))} is not allowed; "
                         "add it to APP_SECURITY_ALLOWED_HOSTS if it is this server's name")
 
     def _check_browser(self) -> None:
@@ -2250,7 +2275,8 @@ def _read_json(default: object) -> object:
         )
     raw = request.environ["wsgi.input"].read(length)
     try:
-        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                             parse_float=_finite_float)
     except UnicodeDecodeError:
         raise ValidationError("request body is not valid UTF-8") from None
     except RecursionError:
@@ -2263,6 +2289,14 @@ def _read_json(default: object) -> object:
 def _reject_constant(name: str) -> None:
     """NaN and Infinity are not JSON, whatever Python's parser allows."""
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a double (1e400) would go out as Infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{_shorten(text, 40)} is too large a number")
+    return value
 
 
 def _query_pairs() -> Iterator[tuple[str, str]]:
@@ -2300,7 +2334,7 @@ def _query(schema: Schema) -> dict:
         declared = schema.field(name)
         if declared is not None and declared.type == "integer":
             # Python refuses to parse more than 4300 digits; far past any bound anyway.
-            if not re.fullmatch(r"-?\d{1,4000}", value):
+            if not re.fullmatch(r"-?[0-9]{1,4000}", value):
                 raise _invalid(name, "must be an integer")
             query[name] = int(value)
         else:
@@ -2353,7 +2387,7 @@ def _cancel_task(store: TaskStore, fields: dict, task_id: str) -> dict:
 
 
 def _retry_task(store: TaskStore, fields: dict, task_id: str) -> dict:
-    """Queue a failed task again."""
+    """Queue a failed or cancelled task again."""
     return store.retry(task_id, fields).to_dict()
 
 
@@ -2713,8 +2747,8 @@ _TOOLS = {tool.name: tool for tool in (
           "Stop a waiting or working task for good.",
           _with_task_id("cancel_task", TASK_CANCEL), _TASK_SCHEMA, _through_rest(_cancel_task),
           _DESTRUCTIVE),
-    _Tool("retry_task", "Retry a failed task",
-          "Queue a failed task again, even past its max_retries.",
+    _Tool("retry_task", "Retry a failed or cancelled task",
+          "Queue a failed or cancelled task again, even past its max_retries.",
           _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _through_rest(_retry_task),
           _ADDITIVE),
     _Tool("get_task", "Get a task", "Read one task by id.",
@@ -2852,10 +2886,13 @@ def _initialize(params: dict) -> dict:
 
 def _call_tool(store: TaskStore, gate: _Gate, params: dict, era: _Era) -> dict:
     """tools/call: business errors become tool results the model can read and act on."""
-    tool = _TOOLS.get(params.get("name"))
+    name = params.get("name")
+    tool = _TOOLS.get(name) if isinstance(name, str) else None
     if tool is None:
-        raise _RpcError(_INVALID_PARAMS, f"Unknown tool: {params.get('name')}")
-    arguments = params.get("arguments") or {}
+        raise _RpcError(_INVALID_PARAMS, f"Unknown tool: {_shorten(str(name))}")
+    arguments = params.get("arguments")
+    if arguments is None:
+        arguments = {}
     if not isinstance(arguments, dict):
         raise _RpcError(_INVALID_PARAMS, "arguments must be an object")
     try:
@@ -2943,8 +2980,8 @@ def _openapi_document() -> dict:
             "title": "Simple Task Orchestrator",
             "version": __version__,
             "description": "A work queue of prompts for AI coding agents: clients create tasks, "
-                           "workers claim them under a lease and report the result. The store "
-                           "lives in memory: a restart loses every task.",
+                           "workers claim them under a lease and report the result. With a "
+                           "data file, a 2xx answer means the change is on disk.",
         },
         "paths": paths,
         "components": {
@@ -2975,7 +3012,8 @@ _RATE_HEADERS = {
 def _operation(route: _Route) -> dict:
     """One REST route as an OpenAPI operation."""
     guarded = route.path.startswith("/api/")
-    statuses = {400, 403, 405, 413, 500}  # 403: the Host rule covers every route
+    # 403: the Host rule covers every route; 503: a data file that cannot be written.
+    statuses = {400, 403, 405, 413, 500, 503}
     statuses |= {401, 429} if guarded else set()
     statuses |= {415} if route.body is not None else set()
     statuses |= {404} if "{task_id}" in route.path else set()
@@ -3107,6 +3145,7 @@ def _mcp_operation() -> dict:
         "413": PayloadTooLarge.__doc__, "415": UnsupportedMediaType.__doc__,
         "429": "Too many wrong API keys (tool calls over the limit are tool results).",
         "500": "Something unexpected; the details are in the server's log.",
+        "503": StorageError.__doc__,
     }
     responses = {status: {"description": text, "content": answer}
                  for status, text in described.items()}
@@ -3281,7 +3320,6 @@ def _main_serve(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"orchestrator.py: {error}", file=sys.stderr)
         return 2
-    _configure_logging(config)
     try:
         server = _Server(create_app(config, store), config)
     except OSError as error:
@@ -3289,6 +3327,12 @@ def _main_serve(argv: list[str]) -> int:
         print(f"orchestrator.py: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 1
+    except ValueError:  # waitress could not resolve the host
+        store.close()
+        print(f"orchestrator.py: APP_SERVER_HOST (or --host) must be an address or a name of "
+              f"this machine, not {config.host!r}", file=sys.stderr)
+        return 2
+    _configure_logging(config)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     if not _is_loopback(config.host) and config.api_key is None:
@@ -3395,8 +3439,9 @@ class _StdioRelay:
         params = message.get("params") if isinstance(message, dict) else None
         meta = params.get("_meta") if isinstance(params, dict) else None
         if isinstance(meta, dict) and _VERSION_KEY in meta:
-            headers["MCP-Protocol-Version"] = str(meta[_VERSION_KEY])
-            headers["Mcp-Method"] = str(message.get("method"))
+            # Any text can be in the body; a header carries only what _encode_header makes safe.
+            headers["MCP-Protocol-Version"] = _encode_header(str(meta[_VERSION_KEY]))
+            headers["Mcp-Method"] = _encode_header(str(message.get("method")))
             if isinstance(params.get("name"), str):
                 headers["Mcp-Name"] = _encode_header(params["name"])
         elif self.negotiated:

@@ -238,6 +238,30 @@ def test_create_rejects_invalid_field_naming_it(client, store, field, value, rul
     assert store.statistics()["total_tasks"] == 0
 
 
+@pytest.mark.parametrize("body", [
+    b'{"work_directory": "/r", "prompt": "p", "metadata": {"x": 1e400}}',
+    b'{"work_directory": "/r", "prompt": "p", "metadata": {"x": [-1E+999]}}',
+])
+def test_a_number_too_large_for_json_output_is_a_400(client, store, body):
+    res = client.post("/api/v1/tasks", body, content_type="application/json", status=400)
+    assert "too large a number" in res.json["error"]["message"]
+    assert store.statistics()["total_tasks"] == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("work_directory", "/tmp/x\u009b"), ("work_directory", "/tmp/x\u2028y"),
+])
+def test_a_directory_with_any_control_character_is_rejected(client, store, field, value):
+    client.post_json("/api/v1/tasks", {"work_directory": value, "prompt": "p"}, status=400)
+    assert store.statistics()["total_tasks"] == 0
+
+
+@pytest.mark.parametrize("worker_id", ["w\u0085", "w\u2029"])
+def test_a_worker_id_with_any_control_character_is_rejected(client, make_task, worker_id):
+    make_task()
+    client.get("/api/v1/tasks/next", {"work_path": "/repo", "worker_id": worker_id}, status=400)
+
+
 @pytest.mark.parametrize("missing", ["work_directory", "prompt"])
 def test_create_requires_directory_and_prompt(client, store, missing):
     body = {"work_directory": "/repo", "prompt": "p"}
@@ -397,6 +421,11 @@ def test_a_percent_encoded_utf8_query_value_is_decoded(client, make_task):
     make_task(work_directory="/caf\u00e9")
     task = client.get("/api/v1/tasks/next?work_path=/caf%C3%A9&worker_id=w").json["data"]
     assert task["work_directory"] == "/caf\u00e9"
+
+
+def test_an_integer_query_takes_ascii_digits_only(client):
+    res = client.get("/api/v1/tasks?limit=%D9%A1", status=400)  # ARABIC-INDIC DIGIT ONE
+    assert res.json["error"]["details"]["field"] == "limit"
 
 
 def test_repeated_query_parameter_is_rejected(client):
@@ -1213,6 +1242,38 @@ def test_same_origin_and_non_browser_requests_pass(client, make_task, site):
     assert task["status"] == "working"
 
 
+@pytest.mark.parametrize("host", ["localhost:\u00b2", "evil.example:\u00b2", "localhost:abc",
+                                  "localhost:99999", ""])
+def test_a_host_whose_port_is_not_a_port_is_refused_not_a_500(client, host):
+    res = client.get("/health", headers={"Host": host}, status=403)
+    assert res.json["error"]["code"] == "FORBIDDEN"
+
+
+def test_an_allowed_host_with_a_bad_port_is_refused(store):
+    config = Config(rate_limit=0, allowed_hosts=("box.lan", "evil.example:abc"))
+    client = webtest.TestApp(create_app(config, store))
+    client.get("/api/v1/tasks", headers={"Host": "box.lan:abc"}, status=403)
+    client.get("/api/v1/tasks", headers={"Host": "evil.example:abc"}, status=403)
+
+
+@pytest.mark.parametrize("bind", ["127.1", "0x7f000001", "127.0.0.2"])
+def test_the_host_rule_holds_however_the_loopback_bind_is_spelled(store, bind):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, host=bind), store))
+    client.get("/api/v1/tasks", headers={"Host": "evil.example:8080",
+                                         "Origin": "http://evil.example:8080"}, status=403)
+
+
+def test_an_unusable_origin_in_a_python_config_does_not_open_cross_site_requests(store):
+    config = Config(rate_limit=0, allowed_origins=("localhost:3000",))  # not an origin
+    client = webtest.TestApp(create_app(config, store))
+    client.get("/api/v1/tasks", headers={"Sec-Fetch-Site": "cross-site"}, status=403)
+
+
+@pytest.mark.parametrize("value", ["box_1.lan", "box.lan,", " box.lan , other.lan:8080 "])
+def test_allowed_hosts_take_underscores_and_stray_commas(value):
+    assert Config.from_env({"APP_SECURITY_ALLOWED_HOSTS": value}).allowed_hosts
+
+
 @pytest.mark.parametrize("value", ["evil example", "http://box.lan", "box.lan:99999", "box.lan:",
                                    "a/b", ","])
 def test_a_bad_allowed_hosts_setting_names_it(value):
@@ -1362,6 +1423,10 @@ def test_the_api_key_never_shows_in_the_config_repr():
     (["--port", "abc"], {}, "--port must be an integer from 0 to 65535"),
     ([], {"APP_SERVER_PORT": "-5"}, "APP_SERVER_PORT must be an integer from 0 to 65535"),
     (["--threads", "0"], {}, "--threads must be an integer from 1"),
+    (["--host", "local host"], {}, "APP_SERVER_HOST (or --host) must be an address"),
+    ([], {"APP_SECURITY_ALLOWED_HOSTS": "http://box.lan"}, "APP_SECURITY_ALLOWED_HOSTS must be"),
+    (["--port", "\u0661"], {}, "--port must be an integer"),
+    (["--data-file", "/no/such/dir/tasks.db"], {}, "/no/such/dir/tasks.db"),
 ])
 def test_main_stops_with_status_2_before_listening(monkeypatch, capsys, argv, env, message):
     for name, value in env.items():
@@ -1971,7 +2036,7 @@ def test_pretty_logs_escape_control_characters_from_requests(client, caplog, tex
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": text,
                                            "tags": [text.replace("\n", " ")]})
-        worker_id = "w" + "".join(c for c in text if c >= " " and c != "\u007f")  # its rule
+        worker_id = "w" + "".join(c for c in text if c.isprintable())  # its own rule
         task = client.get("/api/v1/tasks/next", {"work_path": "/r", "worker_id": worker_id}
                           ).json["data"]
         client.post_json(task_url(task, "fail"), {"error": text})
@@ -2563,6 +2628,22 @@ def test_argument_errors_follow_the_revision(rpc, store, version, as_protocol_er
     assert store.statistics()["total_tasks"] == 0
 
 
+@pytest.mark.parametrize("params", [{"name": ["create_task"]}, {"name": {"a": 1}},
+                                    {"name": "list_tasks", "arguments": []},
+                                    {"name": "list_tasks", "arguments": 0}])
+def test_a_malformed_tool_call_is_32602_not_a_500(rpc, params):
+    res = rpc("tools/call", params)
+    assert res.json["id"] == 1 and res.json["error"]["code"] == -32602
+
+
+def test_a_reused_idempotency_key_names_the_task_in_the_tool_error(call_tool):
+    first = call_tool("create_task", {"work_directory": "/r", "prompt": "a",
+                                      "idempotency_key": "k"})["structuredContent"]
+    again = call_tool("create_task", {"work_directory": "/r", "prompt": "b",
+                                      "idempotency_key": "k"})
+    assert again["isError"] and first["id"] in again["content"][0]["text"]
+
+
 def test_tools_reject_unknown_arguments(call_tool, store):
     result = call_tool("create_task", {"work_directory": "/r", "prompt": "p", "status": "done"})
     assert result["content"][0]["text"].startswith("VALIDATION_ERROR: unknown fields: status")
@@ -2691,6 +2772,22 @@ def test_mcp_stdio_relays_both_eras_and_exits_when_stdin_closes(live_url, live_s
     assert live_store.statistics()["working_tasks"] == 1
 
 
+def test_mcp_stdio_survives_text_that_cannot_be_a_header(live_url):
+    modern = {"_meta": META}
+    lines = [
+        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "x\ny", "params": modern}),
+        json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/list",
+                    "params": {"_meta": {**META, orchestrator._VERSION_KEY: "2026\u2028"}}}),
+        json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": modern}),
+    ]
+    status, replies, stderr = run_relay(live_url + "/mcp", lines)
+    assert status == 0 and "Traceback" not in stderr
+    replies = [json.loads(line) for line in replies]
+    assert [reply["id"] for reply in replies] == [1, 2, 3]
+    assert "error" in replies[0] and "error" in replies[1]
+    assert len(replies[2]["result"]["tools"]) == len(TOOL_NAMES)
+
+
 def test_mcp_stdio_answers_every_request_even_when_the_server_is_down():
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
@@ -2734,7 +2831,7 @@ def test_the_document_is_openapi_3_1_in_shape(document):
     assert document["openapi"] == "3.1.0"
     assert document["info"]["title"] == "Simple Task Orchestrator"
     assert document["info"]["version"] == orchestrator.__version__
-    assert "in memory" in document["info"]["description"]
+    assert "on disk" in document["info"]["description"]
     ids = []
     for path, item in document["paths"].items():
         for method, operation in item.items():
