@@ -1110,6 +1110,11 @@ class _Journal:
         self.commits = 0  #: batches committed; fewer than the records means group commit at work
         self._columns = _columns(Task)
         self._upsert = _upsert_statement(self._columns)
+        #: Every column's value in one C call; then only the encoded columns need work.
+        self._values = operator.attrgetter(*(column.attribute for column in self._columns))
+        self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
+                         if column.encode is not None]
+        self._counters_on_disk: dict[str, int] = {}  # the writer's: skip rewriting the same
         self._lock_descriptor = _lock_beside(path)
         try:
             self._connection = _connect(path, sync, self._columns)
@@ -1263,28 +1268,31 @@ class _Journal:
         """Write the unsaved changes in one transaction; on any error roll it back and raise."""
         rows = [self._row(task) for task in self._unsaved.values() if task is not None]
         deleted = [(task_id,) for task_id, task in self._unsaved.items() if task is None]
+        counters = [(name, value) for name, value in self._unsaved_counters.items()
+                    if self._counters_on_disk.get(name) != value]
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
             connection.executemany(self._upsert, rows)
-            connection.executemany("DELETE FROM tasks WHERE id = ?", deleted)
-            connection.executemany(_SET_COUNTER, self._unsaved_counters.items())
+            if deleted:
+                connection.executemany("DELETE FROM tasks WHERE id = ?", deleted)
+            if counters:
+                connection.executemany(_SET_COUNTER, counters)
             connection.execute("COMMIT")
         except Exception:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
+        self._counters_on_disk.update(counters)
         self.commits += 1
 
-    def _row(self, task: Task) -> tuple:
+    def _row(self, task: Task) -> list:
         """A task's column values, JSON-encoded where the column holds JSON."""
-        values = []
-        for column in self._columns:
-            value = getattr(task, column.attribute)
-            if value is not None and column.encode is not None:
-                value = column.encode(value)
-            values.append(value)
-        return tuple(values)
+        values = list(self._values(task))
+        for index, encode in self._encoded:
+            if values[index] is not None:
+                values[index] = encode(values[index])
+        return values
 
     def _settle(self, failure: str | None) -> None:
         """Publish that the tickets taken are committed, or that their batch failed and why."""
@@ -1324,10 +1332,21 @@ class _SortedKeys:
             self._chunks.append([key])
             self._maxima.append(key)
             return
+        if key > self._maxima[-1]:  # the common case: a new task is the newest
+            index = len(self._chunks) - 1
+            self._chunks[index].append(key)
+            self._maxima[index] = key
+            self._split(index)
+            return
         index = min(bisect.bisect_left(self._maxima, key), len(self._chunks) - 1)
         chunk = self._chunks[index]
         bisect.insort(chunk, key)
         self._maxima[index] = chunk[-1]
+        self._split(index)
+
+    def _split(self, index: int) -> None:
+        """Split a chunk that has grown past twice the chunk size."""
+        chunk = self._chunks[index]
         if len(chunk) > 2 * self.CHUNK:
             self._chunks[index:index + 1] = [chunk[:self.CHUNK], chunk[self.CHUNK:]]
             self._maxima[index:index + 1] = [chunk[self.CHUNK - 1], chunk[-1]]
@@ -1417,7 +1436,8 @@ class TaskStore:
         #: The data file, when there is one; it only records what the store decided.
         self._journal = None if path is None else _Journal(path, sync)
         if self._journal is not None:
-            self._restore(*self._journal.load())
+            with _collector_paused():  # 100,000 new objects would set it off again and again
+                self._restore(*self._journal.load())
 
     @classmethod
     def from_config(cls, config: Config) -> TaskStore:
@@ -1886,16 +1906,18 @@ class TaskStore:
                 task = Task(**row)
                 self._tasks[task.id] = task
                 self._index(task)
+                # Into lists first, made heaps once below: cheaper than a push per task.
                 if task.status == WAITING:
-                    self._enqueue(task, place)
+                    task.queue_entry = (_PRIORITY_RANK[task.priority], place, task.id)
+                    self._queues.setdefault(task.work_directory, []).append(task.queue_entry)
                 elif task.status == WORKING:
                     self._leases.append((task.lease_expires_at, task.id))
                 elif self.retention:
                     self._finished.append((task.completed_at, task.id))
                 if task.idempotency_key is not None:
                     self._idempotency[task.idempotency_key] = task.id
-            heapq.heapify(self._leases)
-            heapq.heapify(self._finished)
+            for heap in (*self._queues.values(), self._leases, self._finished):
+                heapq.heapify(heap)
             self._sequence = counters.get("sequence", 0)
             self._retries_total = counters.get("retries_total", 0)
             self._expired_leases_total = counters.get("expired_leases_total", 0)
