@@ -91,7 +91,7 @@ __all__ = [
     "STATUSES", "WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED", "FINISHED", "PRIORITIES",
     # the request declarations: bodies and queries, and the fields they share
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
-    "TASK_RETRY", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY", "PROMPT", "PRIORITY",
+    "TASK_RETRY", "TASK_RELEASE", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY", "PROMPT", "PRIORITY",
     "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "TASK_ID", "IDEMPOTENCY_KEY",
     "IDEMPOTENCY_HEADER",
     # the service
@@ -228,6 +228,7 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_TASK_MAX_RETRIES", "max_retries", _integer(0, 100)),
     ("APP_TASK_TIMEOUT", "task_timeout", _integer(1, 31_536_000)),
     ("APP_TASK_RETENTION", "retention", _integer(0, 3_153_600_000)),
+    ("APP_TASK_DIRECTORY_CONCURRENCY", "directory_concurrency", _integer(0, 1000)),
     ("APP_DATA_FILE", "data_file", _text),
     ("APP_DATA_SYNC", "data_sync", _choice("full", "normal")),
     ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
@@ -251,6 +252,7 @@ class Config:
     max_retries: int = 3
     task_timeout: int = 3600
     retention: int = 604_800
+    directory_concurrency: int = 0  #: working tasks one directory may have at once; 0: any
     data_file: str | None = None  #: the SQLite file that keeps the tasks; None: memory only
     data_sync: str = "full"  #: "full" survives power loss; "normal" only a crash of the process
     rate_limit: int = 1000
@@ -441,6 +443,8 @@ class Task:
     result: dict | None = None
     error_message: str | None = None
     retry_count: int = 0
+    progress: str | None = None  #: the holder's last word on how far it has got
+    progress_at: float | None = None
     number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
     #: Its live entry in its directory's queue while waiting; any other entry is stale.
     queue_entry: tuple | None = field(default=None, repr=False)
@@ -474,6 +478,8 @@ class Task:
             "result": self.result,
             "error_message": self.error_message,
             "retry_count": self.retry_count,
+            "progress": self.progress,
+            "progress_at": _rfc3339(self.progress_at),
             "max_retries": self.max_retries,
         }
 
@@ -761,7 +767,13 @@ TASK_FAIL = Schema("TaskFail", (
     Field("retry", "boolean", default=True,
           description="false makes the failure final whatever the retries left."),
 ))
-TASK_HEARTBEAT = Schema("TaskHeartbeat", (dataclasses.replace(WORKER_ID, required=True),))
+TASK_HEARTBEAT = Schema("TaskHeartbeat", (
+    dataclasses.replace(WORKER_ID, required=True),
+    Field("progress", "string", max_length=4000,
+          description="How far the task has got, e.g. the last lines of the agent's output; "
+                      "kept on the task as progress, with progress_at."),
+))
+TASK_RELEASE = Schema("TaskRelease", (dataclasses.replace(WORKER_ID, required=True),))
 TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
 TASK_RETRY = Schema("TaskRetry", ())
 CLAIM_QUERY = Schema("ClaimQuery", (
@@ -1405,8 +1417,11 @@ class TaskStore:
         max_waiters: int = 6,
         path: str | None = None,
         sync: str = "full",
+        directory_concurrency: int = 0,
     ) -> None:
         self.max_retries = max_retries
+        #: How many tasks of one directory may be working at once; 0: any number.
+        self.directory_concurrency = directory_concurrency
         self.task_timeout = task_timeout
         self.retention = retention  #: seconds finished tasks are kept; 0 keeps them forever
         self._clock = clock
@@ -1423,6 +1438,7 @@ class TaskStore:
         self._by_status = {status: _SortedKeys() for status in STATUSES}  # (number, id)
         self._queues: dict[str, list[tuple]] = {}  # directory -> heap of (rank, seq, id)
         self._stale_entries = 0  # queue entries whose task left the queue
+        self._working_in: dict[str, int] = {}  # directory -> how many of its tasks are working
         self._leases: list[tuple[float, str]] = []  # heap of (lease_expires_at, id)
         self._finished: list[tuple[float, str]] = []  # heap of (completed_at, id)
         self._idempotency: dict[str, str] = {}  # key -> task id
@@ -1445,7 +1461,7 @@ class TaskStore:
         # Long-poll claims hold a waitress thread each; two stay free for everything else.
         return cls(config.max_retries, config.task_timeout, config.retention,
                    max_waiters=max(0, config.threads - 2), path=config.data_file,
-                   sync=config.data_sync)
+                   sync=config.data_sync, directory_concurrency=config.directory_concurrency)
 
     @property
     def path(self) -> str | None:
@@ -1559,6 +1575,22 @@ class TaskStore:
             task = self._held(task_id, values["worker_id"])
             self._lease(task, now)
             task.updated_at = now
+            if "progress" in values:
+                task.progress, task.progress_at = values["progress"], now
+            return task.snapshot()
+
+    def release(self, task_id: str, fields: Mapping[str, object]) -> Task:
+        """Hand a held task back, first of its priority, without counting a retry.
+
+        For a worker at fault rather than the task: it is stopping, or cannot
+        start its agent.
+        """
+        values = TASK_RELEASE.clean(fields)
+        with self._transaction() as (now, events):
+            task = self._held(task_id, values["worker_id"])
+            # A negative place goes before every task that entered the queue normally.
+            self._requeue(task, now, place=-self._next_sequence())
+            events.append(_event("released", task, worker_id=values["worker_id"]))
             return task.snapshot()
 
     def cancel(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
@@ -1787,11 +1819,12 @@ class TaskStore:
             self._finish(task, FAILED, now)
             events.append(_event("failed", task, error=_shorten(message)))
 
-    def _requeue(self, task: Task, now: float) -> None:
-        """Back to waiting, at the back of its priority, with no holder."""
+    def _requeue(self, task: Task, now: float, place: int | None = None) -> None:
+        """Back to waiting, with no holder: at the back of its priority, or at `place`."""
         self._set_status(task, WAITING, now)
         task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
-        self._enqueue(task, self._next_sequence())
+        task.progress = task.progress_at = None
+        self._enqueue(task, self._next_sequence() if place is None else place)
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
@@ -1840,16 +1873,24 @@ class TaskStore:
     # -- indexes (lock held) -------------------------------------------------
 
     def _index(self, task: Task) -> None:
-        """Count the task under its status."""
+        """Count the task under its status (and its directory, while working)."""
         self._by_status[task.status].add((task.number, task.id))
         if task.status == COMPLETED:
             self._completed_seconds += task.completed_at - task.started_at
+        elif task.status == WORKING:
+            self._working_in[task.work_directory] = self._working_in.get(task.work_directory, 0) + 1
 
     def _unindex(self, task: Task) -> None:
-        """Stop counting the task under its status."""
+        """Stop counting the task under its status (and its directory, while working)."""
         self._by_status[task.status].remove((task.number, task.id))
         if task.status == COMPLETED:
             self._completed_seconds -= task.completed_at - task.started_at
+        elif task.status == WORKING:
+            self._working_in[task.work_directory] -= 1
+            if not self._working_in[task.work_directory]:
+                del self._working_in[task.work_directory]
+            if self.directory_concurrency:
+                self._queue_changed.notify_all()  # a claim may have waited for this slot
 
     def _enqueue(self, task: Task, seq: int) -> None:
         """Put a waiting task in its directory's queue at position `seq` of its priority."""
@@ -1865,7 +1906,12 @@ class TaskStore:
             self._compact_queues()
 
     def _pop_queue(self, directory: str) -> Task | None:
-        """The next live task of a directory's queue, taken out of it."""
+        """The next live task of a directory's queue, taken out of it; None when none waits,
+        or when the directory already has as many working tasks as it may."""
+        if self.directory_concurrency and (
+            self._working_in.get(directory, 0) >= self.directory_concurrency
+        ):
+            return None
         heap = self._queues.get(directory)
         task = None
         while heap and task is None:
@@ -2398,6 +2444,11 @@ def _fail_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     return store.fail(task_id, fields).to_dict()
 
 
+def _release_task(store: TaskStore, fields: dict, task_id: str) -> dict:
+    """Hand a held task back to the queue, first of its priority, without counting a retry."""
+    return store.release(task_id, fields).to_dict()
+
+
 def _heartbeat_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Extend the lease on a held task."""
     return store.heartbeat(task_id, fields).to_dict()
@@ -2503,6 +2554,8 @@ _ROUTES = (
            body=TASK_COMPLETE, conflicts=True),
     _Route("POST", "/api/v1/tasks/{task_id}/fail", _fail_task, _TASK_REF, body=TASK_FAIL,
            conflicts=True),
+    _Route("POST", "/api/v1/tasks/{task_id}/release", _release_task, _TASK_REF,
+           body=TASK_RELEASE, conflicts=True),
     _Route("POST", "/api/v1/tasks/{task_id}/heartbeat", _heartbeat_task, _TASK_REF,
            body=TASK_HEARTBEAT, conflicts=True),
     _Route("POST", "/api/v1/tasks/{task_id}/cancel", _cancel_task, _TASK_REF, body=TASK_CANCEL,
@@ -2537,6 +2590,8 @@ _TASK_SCHEMA = {
         "lease_expires_at": _nullable(_TIMESTAMP),
         "result": _nullable(RESULT.json_schema()),
         "error_message": {"type": ["string", "null"]},
+        "progress": {"type": ["string", "null"]},
+        "progress_at": _nullable(_TIMESTAMP),
         "retry_count": _COUNT,
         "max_retries": MAX_RETRIES.json_schema(),
     },
@@ -2761,10 +2816,16 @@ _TOOLS = {tool.name: tool for tool in (
           "(unless retry is false), else it becomes failed.",
           _with_task_id("fail_task", TASK_FAIL), _TASK_SCHEMA, _through_rest(_fail_task), _ADDITIVE),
     _Tool("heartbeat_task", "Extend a lease",
-          "Extend your lease on a task you hold, so that a long run keeps it.",
+          "Extend your lease on a task you hold, so that a long run keeps it; progress (optional) "
+          "says how far you have got, for whoever watches the queue.",
           _with_task_id("heartbeat_task", TASK_HEARTBEAT), _TASK_SCHEMA,
           _through_rest(_heartbeat_task),
           _IDEMPOTENT),
+    _Tool("release_task", "Release a task",
+          "Hand a task you hold back to the queue, first in line, without using up a retry: "
+          "for when you cannot work on it (not when it failed: use fail_task).",
+          _with_task_id("release_task", TASK_RELEASE), _TASK_SCHEMA, _through_rest(_release_task),
+          _ADDITIVE),
     _Tool("cancel_task", "Cancel a task",
           "Stop a waiting or working task for good.",
           _with_task_id("cancel_task", TASK_CANCEL), _TASK_SCHEMA, _through_rest(_cancel_task),

@@ -117,7 +117,7 @@ def statistics(client):
 TASK_FIELDS = {
     "id", "work_directory", "prompt", "priority", "tags", "metadata", "status", "worker_id",
     "created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "result",
-    "error_message", "retry_count", "max_retries",
+    "error_message", "retry_count", "max_retries", "progress", "progress_at",
 }
 
 
@@ -601,6 +601,94 @@ def test_heartbeat_needs_the_holders_worker_id(client, make_task, claim, body, s
     held = claim()
     client.post_json(task_url(held, "heartbeat"), body, status=status)
     assert client.get(task_url(held)).json["data"]["lease_expires_at"] == held["lease_expires_at"]
+
+
+def test_release_puts_the_task_first_in_its_priority_without_counting_a_retry(
+        client, make_task, claim):
+    first = make_task(prompt="first")
+    make_task(prompt="second")
+    make_task(prompt="urgent", priority="high")
+    assert claim()["prompt"] == "urgent"
+    held = claim(worker_id="w2")
+    assert held["prompt"] == "first"
+    released = client.post_json(task_url(first, "release"), {"worker_id": "w2"}).json["data"]
+    assert released["status"] == "waiting" and released["retry_count"] == 0
+    assert released["worker_id"] is None and released["lease_expires_at"] is None
+    assert claim()["prompt"] == "first"  # ahead of "second", which waited longer
+    assert statistics(client)["retries_total"] == 0
+
+
+def test_release_with_max_retries_zero_does_not_fail_the_task(client, make_task, claim):
+    task = make_task(max_retries=0)
+    claim()
+    assert client.post_json(task_url(task, "release"), {"worker_id": "w1"}).json["data"][
+        "status"] == "waiting"
+
+
+@pytest.mark.parametrize("body, status", [({}, 400), ({"worker_id": "other"}, 409),
+                                          ({"worker_id": "w1", "extra": 1}, 400)])
+def test_release_needs_the_holder(client, make_task, claim, store, body, status):
+    task = make_task()
+    claim()
+    client.post_json(task_url(task, "release"), body, status=status)
+    assert store.get(task["id"]).status == "working"
+
+
+def test_release_of_a_task_that_is_not_working_conflicts(client, make_task):
+    client.post_json(task_url(make_task(), "release"), {"worker_id": "w1"}, status=409)
+
+
+def test_heartbeat_progress_is_kept_shown_and_cleared_on_requeue(client, make_task, claim, clock):
+    task = make_task()
+    claim()
+    beat = client.post_json(task_url(task, "heartbeat"),
+                            {"worker_id": "w1", "progress": "step 2 of 5"}).json["data"]
+    assert beat["progress"] == "step 2 of 5" and beat["progress_at"].endswith("Z")
+    assert client.get(task_url(task)).json["data"]["progress"] == "step 2 of 5"
+    assert client.get("/api/v1/tasks").json["data"]["tasks"][0]["progress"] == "step 2 of 5"
+    client.post_json(task_url(task, "heartbeat"), {"worker_id": "w1"})  # keeps the last word
+    assert client.get(task_url(task)).json["data"]["progress"] == "step 2 of 5"
+    requeued = client.post_json(task_url(task, "fail"), {"worker_id": "w1", "error": "x"}).json
+    assert requeued["data"]["progress"] is None and requeued["data"]["progress_at"] is None
+
+
+def test_heartbeat_progress_is_at_most_4000_characters(client, make_task, claim):
+    task = make_task()
+    claim()
+    res = client.post_json(task_url(task, "heartbeat"), {"worker_id": "w1", "progress": "x" * 4001},
+                           status=400)
+    assert res.json["error"]["details"]["field"] == "progress"
+
+
+def test_directory_concurrency_holds_claims_until_a_task_finishes(clock):
+    store = TaskStore(directory_concurrency=1, clock=clock)
+    first, _ = store.create({"work_directory": "/r", "prompt": "one"})
+    store.create({"work_directory": "/r", "prompt": "two"})
+    store.create({"work_directory": "/other", "prompt": "three"})
+    assert store.claim("/r", "a").id == first.id
+    assert store.claim("/r", "b") is None  # one is working there already
+    assert store.claim("/other", "c") is not None  # other directories are not held up
+    store.complete(first.id)
+    assert store.claim("/r", "b").prompt == "two"
+
+
+def test_directory_concurrency_wakes_a_waiting_claim_when_a_task_finishes():
+    store = TaskStore(directory_concurrency=1)
+    first, _ = store.create({"work_directory": "/r", "prompt": "one"})
+    store.create({"work_directory": "/r", "prompt": "two"})
+    store.claim("/r", "a")
+    waiter = Background(store.claim, "/r", "b", 10)
+    waiter.start()
+    wait_until(lambda: store.waiting_claims == 1)
+    store.fail(first.id, {"error": "x", "retry": False})
+    assert waiter.finish().prompt == "two" and waiter.seconds < 5
+
+
+def test_directory_concurrency_comes_from_the_setting():
+    config = Config.from_env({"APP_TASK_DIRECTORY_CONCURRENCY": "1"})
+    assert TaskStore.from_config(config).directory_concurrency == 1
+    with pytest.raises(ConfigError, match="APP_TASK_DIRECTORY_CONCURRENCY"):
+        Config.from_env({"APP_TASK_DIRECTORY_CONCURRENCY": "-1"})
 
 
 def test_statistics_never_show_an_expired_lease_as_held(client, make_task, claim, clock):
@@ -2364,8 +2452,8 @@ def call_tool(rpc):
 HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
 MISSING_ID = str(uuid.uuid4())
 TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
-              "cancel_task", "retry_task", "get_task", "update_task", "delete_task", "list_tasks",
-              "get_statistics"]
+              "release_task", "cancel_task", "retry_task", "get_task", "update_task", "delete_task",
+              "list_tasks", "get_statistics"]
 
 
 @pytest.mark.parametrize("version", HANDSHAKE_VERSIONS)
@@ -2534,8 +2622,14 @@ def test_every_tool_works_and_returns_what_rest_returns(client, call_tool, claim
     task_id = created["id"]
     acquired = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
     assert acquired["structuredContent"]["task"]["id"] == task_id
-    beat = call_tool("heartbeat_task", {"task_id": task_id, "worker_id": "w"})
-    assert beat["structuredContent"]["status"] == "working"
+    beat = call_tool("heartbeat_task", {"task_id": task_id, "worker_id": "w",
+                                        "progress": "half way"})
+    assert beat["structuredContent"]["progress"] == "half way"
+    released = call_tool("release_task", {"task_id": task_id, "worker_id": "w"})
+    assert released["structuredContent"]["status"] == "waiting"
+    assert released["structuredContent"]["retry_count"] == 0
+    assert call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})[
+        "structuredContent"]["task"]["id"] == task_id
     done = call_tool("complete_task", {"task_id": task_id, "worker_id": "w",
                                        "result": {"output": "ok", "duration_ms": 5}})
     assert done["structuredContent"]["result"] == {"status": "success", "output": "ok",
@@ -2713,7 +2807,7 @@ def test_mcp_rate_limit_answers_tool_calls_as_tool_results(store):
     limited = call("tools/call", {"name": "get_statistics"})
     assert limited["isError"] is True
     assert limited["content"][0]["text"].startswith("RATE_LIMIT_EXCEEDED: ")
-    assert len(call("tools/list")["tools"]) == 12  # listing does not touch the store
+    assert len(call("tools/list")["tools"]) == len(TOOL_NAMES)  # listing touches no store
 
 
 @pytest.mark.parametrize("content_type, status", [("text/plain", 415), ("application/json", 413)])
