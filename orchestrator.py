@@ -39,6 +39,7 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import gc
 import hashlib
@@ -55,6 +56,7 @@ import os
 import posixpath
 import queue
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -279,7 +281,7 @@ class Config:
         changes = {
             name: _parse_setting("--" + name.replace("_", "-"), parsers[name], raw)
             for name, raw in flags.items()
-            if raw is not None
+            if raw  # None (not given) or empty: unset, as for the variables
         }
         return dataclasses.replace(self, **changes)
 
@@ -3576,30 +3578,61 @@ def _main_work(argv: list[str]) -> int:
                     "status 0 as completed (with its output) and anything else as failed.",
         epilog="A worker runs whatever prompts the queue holds: keep the server on loopback "
                "or behind an API key. Ctrl-C once: finish the current task, then exit. "
-               "Twice: stop it now and hand the task back.",
+               "Twice: stop it now and hand the task back. Exit status: 0 done, 2 the "
+               "command or the API key is wrong, 3 too many tasks failed in a row, 130 "
+               "stopped by a second Ctrl-C.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the orchestrator")
     parser.add_argument("--work-path", required=True, help="the directory whose tasks to take")
     parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
-                        help="how this worker is named in the queue (default: HOST-PID)")
+                        help="how this worker is named in the queue (HOST-PID)")
     parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
-                        help="API key (default: APP_SECURITY_API_KEY)")
+                        help="API key (APP_SECURITY_API_KEY)")
     parser.add_argument("--wait", type=int, default=20, choices=range(0, 21), metavar="0-20",
-                        help="seconds each claim waits for a task (default 20)")
+                        help="seconds each claim waits for a task")
     parser.add_argument("--once", action="store_true",
                         help="handle one task (or none, if none comes within --wait), then exit")
     parser.add_argument("--max-output", type=int, default=65536, metavar="BYTES",
                         help="how much of the end of the command's output to report")
+    parser.add_argument("--max-failures", type=int, default=3, metavar="N",
+                        help="stop (exit status 3) after N tasks failed in a row; 0: never")
+    parser.add_argument("--grace", type=float, default=10, metavar="SECONDS",
+                        help="how long a stopped command has after SIGTERM, before SIGKILL")
+    parser.add_argument("--quiet", action="store_true",
+                        help="do not show the command's output as it comes")
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --, e.g. -- claude -p")
     _configure_logging(Config())
-    worker = _Worker(_ApiClient(args.url, args.token), os.path.abspath(
-        os.path.expanduser(args.work_path)), args.worker_id, command, args.wait, args.once,
-        args.max_output)
-    return worker.run()
+    if shutil.which(command[0]) is None:
+        logger.error("cannot run %s: no such command, or it is not executable; "
+                     "no task was claimed", command[0])
+        return 2
+    settings = _WorkerSettings(
+        work_path=os.path.abspath(os.path.expanduser(args.work_path)),
+        worker_id=args.worker_id, command=command, wait=args.wait, once=args.once,
+        max_output=args.max_output, max_failures=args.max_failures, grace=args.grace,
+        quiet=args.quiet,
+    )
+    return _Worker(_ApiClient(args.url, args.token), settings).run()
+
+
+@dataclass(frozen=True, slots=True)
+class _WorkerSettings:
+    """What `orchestrator.py work` was told on its command line."""
+
+    work_path: str
+    worker_id: str
+    command: list[str]
+    wait: int = 20
+    once: bool = False
+    max_output: int = 65536
+    max_failures: int = 3  #: consecutive failed tasks before the worker stops; 0: never
+    grace: float = 10  #: seconds between SIGTERM and SIGKILL for a stopped command
+    quiet: bool = False
 
 
 class _Refused(Exception):
@@ -3608,6 +3641,14 @@ class _Refused(Exception):
 
 class _Abort(Exception):
     """A second Ctrl-C: stop now."""
+
+
+class _Broken(Exception):
+    """The worker cannot go on (its command cannot start, or fails every task): exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class _ApiClient:
@@ -3637,41 +3678,73 @@ class _ApiClient:
         return status, envelope
 
 
+def _error_message(envelope: dict, status: int) -> str:
+    """The envelope's error message, or the bare status."""
+    error = envelope.get("error") or {}
+    return error.get("message") or f"HTTP {status}"
+
+
+class _Output:
+    """The end of one of the command's output streams, shown as it comes unless quiet."""
+
+    def __init__(self, limit: int, echo: object | None) -> None:
+        self.limit = limit
+        self.echo = echo  #: a binary stream to copy the output to, or None
+        #: Guards `tail`: the reader thread appends, the heartbeat thread reads.
+        self._lock = threading.Lock()
+        self.tail = bytearray()
+
+    def read_from(self, stream: object) -> None:
+        """Read the stream to its end (in a thread of its own)."""
+        while chunk := stream.read1(65536):
+            if self.echo is not None:
+                self.echo.write(chunk)
+                self.echo.flush()
+            with self._lock:
+                self.tail += chunk
+                del self.tail[:-self.limit]
+
+    def text(self, limit: int | None = None) -> str:
+        """The last `limit` bytes (all that is kept by default) as text."""
+        with self._lock:
+            kept = bytes(self.tail if limit is None else self.tail[-limit:])
+        return kept.decode("utf-8", "replace")
+
+
 class _Worker:
     """Claims tasks for one directory, runs the command on each, keeps the lease, reports.
 
     The main thread only ever waits on one queue of events: Ctrl-C (put there by
     the signal handler, which SimpleQueue allows), a finished HTTP call, the
-    command's exit, a lost lease. Heartbeats run in a thread of their own.
+    command's exit, the end of a lease (cancelled, deleted or lost). Heartbeats
+    run in a thread of their own.
     """
 
-    def __init__(self, api: _ApiClient, work_path: str, worker_id: str, command: list[str],
-                 wait: int, once: bool, max_output: int) -> None:
+    def __init__(self, api: _ApiClient, settings: _WorkerSettings) -> None:
         self.api = api
-        self.work_path = work_path
-        self.worker_id = worker_id
-        self.command = command
-        self.wait = wait
-        self.once = once
-        self.max_output = max_output
+        self.settings = settings
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._interrupts = 0
+        self._failures_in_a_row = 0
 
     def run(self) -> int:
-        """Work until the queue is empty (--once) or Ctrl-C; the exit status."""
+        """Work until the queue is empty (--once), Ctrl-C, or the worker is broken; the status."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
-        logger.info("working on %s as %s; Ctrl-C to stop", self.work_path, self.worker_id)
+        logger.info("working on %s as %s; Ctrl-C to stop", self.settings.work_path,
+                    self.settings.worker_id)
         try:
             while not self._interrupts:
                 task = self._claim()
                 if task is not None:
                     self._work_on(task)
-                if self.once:
+                if self.settings.once:
                     break
         except _Refused as error:
             logger.error("%s", error)
             return 2
+        except _Broken as broken:
+            return broken.status
         except _Abort:
             return 130
         return 0
@@ -3685,39 +3758,50 @@ class _Worker:
 
     def _claim(self) -> dict | None:
         """Long-poll the next task; None when none came, or when asked to stop."""
-        query = urllib.parse.urlencode(
-            {"work_path": self.work_path, "worker_id": self.worker_id, "wait": self.wait})
+        query = urllib.parse.urlencode({"work_path": self.settings.work_path,
+                                        "worker_id": self.settings.worker_id,
+                                        "wait": self.settings.wait})
         answer = self._request("GET", f"/api/v1/tasks/next?{query}", None, claiming=True,
-                               timeout=self.wait + 15)
+                               timeout=self.settings.wait + 15)
         return None if answer is None else answer[1].get("data")
 
     def _report(self, task: dict, action: str, body: dict) -> str:
-        """Report the outcome, retrying while the server is unreachable; what became of it."""
+        """Report on the task, retrying while the server is unreachable; what became of it."""
         status, envelope = self._request("POST", f"/api/v1/tasks/{task['id']}/{action}",
-                                         {"worker_id": self.worker_id, **body})
+                                         {"worker_id": self.settings.worker_id, **body})
         if status == 200:
             return envelope["data"]["status"]
-        return f"not recorded ({envelope.get('error', {}).get('message', f'HTTP {status}')})"
+        return f"not recorded ({_error_message(envelope, status)})"
 
     def _request(self, method: str, path: str, body: dict | None, claiming: bool = False,
                  timeout: float = 30) -> tuple[int, dict] | None:
-        """A request, retried with backoff (to 10 s) while the server is down or busy.
+        """A request, retried while the server is down, busy or limiting this client.
 
-        A claim gives up (None) once a first Ctrl-C asks the worker to stop.
+        A rate limit is waited out as the server says (Retry-After); anything
+        else backs off, doubling to 10 s. A claim gives up (None) once a first
+        Ctrl-C asks the worker to stop.
         """
         delay = 1.0
         while True:
             try:
                 status, envelope = self._in_background(
                     functools.partial(self.api.call, method, path, body, timeout))
-                if status != 429 and status < 500:
-                    return status, envelope
-                problem = f"it answered HTTP {status}"
             except OSError as error:
-                problem = str(getattr(error, "reason", error))
-            logger.warning("cannot reach the orchestrator at %s (%s); retrying in %.0f s",
-                           self.api.url, problem, delay)
-            if self._pause(delay) and claiming:
+                pause = delay
+                logger.warning("cannot reach the orchestrator at %s (%s); retrying in %.0f s",
+                               self.api.url, getattr(error, "reason", error), pause)
+            else:
+                if status == 429:
+                    details = (envelope.get("error") or {}).get("details") or {}
+                    pause = float(details.get("retry_after") or delay)
+                    logger.warning("rate limited by the orchestrator; retrying in %.0f s", pause)
+                elif status >= 500:
+                    pause = delay
+                    logger.warning("the orchestrator answered HTTP %d (%s); retrying in %.0f s",
+                                   status, _error_message(envelope, status), pause)
+                else:
+                    return status, envelope
+            if self._pause(pause) and claiming:
                 return None
             delay = min(delay * 2, 10)
 
@@ -3759,9 +3843,27 @@ class _Worker:
     # -- running the command ---------------------------------------------------
 
     def _work_on(self, task: dict) -> None:
-        """Run the command on a claimed task and report how it went."""
+        """Run the command on a claimed task and report how it went, whatever happens."""
         started = time.monotonic()
-        argv = [part.replace("{prompt}", task["prompt"]) for part in self.command]
+        logger.info("task %s claimed in %s: %s", task["id"], task["work_directory"],
+                    _shorten(task["prompt"], 60))
+        try:
+            self._run_command(task, started)
+        except (_Abort, _Refused, _Broken):
+            raise
+        except Exception:  # the worker's fault, not the task's: hand it back and go on
+            logger.exception("task %s: the worker failed; handing the task back", task["id"])
+            self._hand_back(task)
+
+    def _run_command(self, task: dict, started: float) -> None:
+        """Start the command, wait for it (keeping the lease), report its outcome."""
+        argv = [part.replace("{prompt}", task["prompt"]) for part in self.settings.command]
+        if any("\0" in part for part in argv):
+            outcome = self._report(task, "fail", {"retry": False, "error": (
+                "the prompt contains a NUL character, which cannot be passed as a "
+                "command-line argument; take {prompt} out of the command to pass it on stdin")})
+            self._log_task(task, f"not started ({outcome})", started)
+            return
         try:
             process = subprocess.Popen(
                 argv, cwd=task["work_directory"], start_new_session=True,
@@ -3770,62 +3872,106 @@ class _Worker:
                      "ORCHESTRATOR_URL": self.api.url},
             )
         except OSError as error:
-            outcome = self._report(task, "fail", {"error": f"cannot start {argv[0]}: {error}"})
-            self._log_task(task, f"could not start ({outcome})", started)
+            self._cannot_start(task, argv, error, started)
             return
-        lost = threading.Event()
-        beats = threading.Thread(target=self._keep_lease, args=(task, lost), daemon=True)
-        threading.Thread(target=self._collect, args=(process, task["prompt"]), daemon=True).start()
+        self._supervise(task, process, started)
+
+    def _cannot_start(self, task: dict, argv: list[str], error: OSError, started: float) -> None:
+        """A command that does not start: the task's fault only if its prompt is too long."""
+        if error.errno == errno.E2BIG:
+            outcome = self._report(task, "fail", {"retry": False, "error": (
+                "the prompt is too long to pass as a command-line argument; take {prompt} "
+                "out of the command to pass it on stdin")})
+            self._log_task(task, f"not started ({outcome})", started)
+            return
+        self._hand_back(task)
+        logger.error("cannot start %s in %s: %s; the task was handed back, and the worker "
+                     "stops", argv[0], task["work_directory"], error.strerror or error)
+        raise _Broken(2)
+
+    def _supervise(self, task: dict, process: subprocess.Popen, started: float) -> None:
+        """Feed the prompt, show and keep the output, heartbeat, and report the exit."""
+        echo = (None, None) if self.settings.quiet else (sys.stdout.buffer, sys.stderr.buffer)
+        stdout = _Output(self.settings.max_output, echo[0])
+        stderr = _Output(self.settings.max_output, echo[1])
+        finished = threading.Event()
+        threads = [
+            threading.Thread(target=self._feed, args=(process, task["prompt"]), daemon=True),
+            threading.Thread(target=stdout.read_from, args=(process.stdout,), daemon=True),
+            threading.Thread(target=stderr.read_from, args=(process.stderr,), daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        threading.Thread(target=self._await_exit, args=(process, threads), daemon=True).start()
+        beats = threading.Thread(target=self._keep_lease, args=(task, finished, stdout, stderr),
+                                 daemon=True)
         beats.start()
         try:
-            stdout, stderr, lease_lost = self._await_exit(process, task)
+            ended = self._wait_for_command(process, task)
         except _Abort:
             self._stop(process)
             self._hand_back(task)
             raise
         finally:
-            lost.set()  # stops the heartbeats
-        if lease_lost:
-            self._log_task(task, "lease lost, command stopped, not reported", started)
+            finished.set()  # stops the heartbeats
+        if ended is not None:
+            self._log_task(task, f"{ended}: command stopped, not reported", started)
         else:
             self._finish(task, process.returncode, stdout, stderr, started)
 
-    def _collect(self, process: subprocess.Popen, prompt: str) -> None:
-        """Feed the prompt, gather the output, and announce the exit."""
-        stdout, stderr = process.communicate(prompt.encode())
-        self._events.put(("exited", stdout, stderr))
+    @staticmethod
+    def _feed(process: subprocess.Popen, prompt: str) -> None:
+        """Write the prompt to the command's stdin and close it; a command may not read it all."""
+        with contextlib.suppress(BrokenPipeError, OSError):
+            process.stdin.write(prompt.encode("utf-8", "surrogatepass"))
+        with contextlib.suppress(BrokenPipeError, OSError):
+            process.stdin.close()
 
-    def _await_exit(self, process: subprocess.Popen, task: dict) -> tuple[bytes, bytes, bool]:
-        """Wait for the command: (stdout, stderr, whether the lease was lost and it stopped)."""
-        lease_lost = False
+    def _await_exit(self, process: subprocess.Popen, readers: list[threading.Thread]) -> None:
+        """Announce the command's exit once its output is read to the end."""
+        process.wait()
+        for reader in readers[1:]:
+            reader.join()
+        self._events.put(("exited",))
+
+    def _wait_for_command(self, process: subprocess.Popen, task: dict) -> str | None:
+        """Wait for the command to exit; None, or why it was stopped (the lease ended)."""
+        ended = None
         while True:
             event = self._events.get()
             if event[0] == "exited":
-                return event[1], event[2], lease_lost
-            if event[0] == "lease lost" and event[1] == task["id"]:
-                logger.warning("task %s: lost the lease; stopping the command", task["id"])
-                lease_lost = True
-                self._stop(process)
+                return ended
+            if event[0] == "lease ended" and event[1] == task["id"] and ended is None:
+                ended = event[2]
+                logger.warning("task %s: %s; stopping the command", task["id"], ended)
+                threading.Thread(target=self._stop, args=(process,), daemon=True).start()
             elif event[0] == "interrupt":
                 self._interrupted("stopping after this task")
 
-    def _keep_lease(self, task: dict, done: threading.Event) -> None:
-        """Heartbeat every third of the lease until done; a 409 means the lease is gone."""
-        lease = (_parse_rfc3339(task["lease_expires_at"]) - _parse_rfc3339(task["started_at"]))
-        while not done.wait(max(lease / 3, 0.05)):
+    def _keep_lease(self, task: dict, finished: threading.Event, stdout: _Output,
+                    stderr: _Output) -> None:
+        """Heartbeat, with the end of the output as progress, until finished or the lease ends.
+
+        Every third of the lease, and at least every 5 s, so that a cancel
+        reaches the command within seconds.
+        """
+        lease = _parse_rfc3339(task["lease_expires_at"]) - _parse_rfc3339(task["started_at"])
+        while not finished.wait(max(min(lease / 3, 5), 0.05)):
+            progress = _last_lines(stdout.text(8000) or stderr.text(8000))
+            body = {"worker_id": self.settings.worker_id, **({"progress": progress} if progress else {})}
             try:
-                status, _ = self.api.call("POST", f"/api/v1/tasks/{task['id']}/heartbeat",
-                                          {"worker_id": self.worker_id})
+                status, envelope = self.api.call("POST", f"/api/v1/tasks/{task['id']}/heartbeat",
+                                                 body)
             except (OSError, _Refused) as error:
                 logger.warning("heartbeat failed (%s); trying again", error)
                 continue
-            if status in (404, 409) and not done.is_set():
-                self._events.put(("lease lost", task["id"]))
+            if status in (404, 409) and not finished.is_set():
+                self._events.put(("lease ended", task["id"], _why_lease_ended(status, envelope)))
                 return
 
     def _stop(self, process: subprocess.Popen) -> None:
-        """Stop the command's whole process group: politely, then not."""
-        for signum, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+        """Stop the command's whole process group: politely, then after the grace period not."""
+        for signum, grace in ((signal.SIGTERM, self.settings.grace), (signal.SIGKILL, 5)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signum)
             try:
@@ -3834,35 +3980,61 @@ class _Worker:
             except subprocess.TimeoutExpired:
                 continue
 
-    def _finish(self, task: dict, status: int, stdout: bytes, stderr: bytes,
+    def _finish(self, task: dict, status: int, stdout: _Output, stderr: _Output,
                 started: float) -> None:
         """Report an exited command: completed on status 0, failed otherwise."""
         duration_ms = round(1000 * (time.monotonic() - started))
         if status == 0:
-            output = stdout[-self.max_output:].decode("utf-8", "replace")
-            result = {"status": "success", "output": output, "duration_ms": duration_ms}
+            result = {"status": "success", "output": stdout.text(), "duration_ms": duration_ms}
             outcome = self._report(task, "complete", {"result": result})
+            self._failures_in_a_row = 0
         else:
-            tail = stderr[-2000:].decode("utf-8", "replace").strip()
+            tail = stderr.text(2000).strip()
             error = f"exit status {status}: {tail}" if tail else f"exit status {status}"
             outcome = self._report(task, "fail", {"error": error})
+            self._failures_in_a_row += 1
         outcome = {"waiting": "failed, queued again"}.get(outcome, outcome)
         self._log_task(task, f"exit status {status}, {outcome}", started)
+        limit = self.settings.max_failures
+        if status != 0 and limit and self._failures_in_a_row >= limit:
+            logger.error("%d tasks failed in a row; stopping, since the agent itself may be "
+                         "broken (check it, or raise --max-failures; 0 never stops)",
+                         self._failures_in_a_row)
+            raise _Broken(3)
 
     def _hand_back(self, task: dict) -> None:
-        """After a second Ctrl-C: fail the task with retry, so it is queued again at once."""
+        """Release the task without using up a retry: the worker is at fault, not the task."""
         try:
-            self.api.call("POST", f"/api/v1/tasks/{task['id']}/fail",
-                          {"worker_id": self.worker_id, "error": "the worker was interrupted",
-                           "retry": True}, timeout=5)
-            logger.warning("task %s handed back to the queue", task["id"])
+            status, envelope = self.api.call("POST", f"/api/v1/tasks/{task['id']}/release",
+                                             {"worker_id": self.settings.worker_id}, timeout=5)
         except (OSError, _Refused) as error:
             logger.warning("could not hand task %s back (%s); its lease will expire",
                            task["id"], error)
+            return
+        if status == 200:
+            logger.warning("task %s handed back to the queue (no retry used)", task["id"])
+        else:
+            logger.warning("could not hand task %s back: %s", task["id"],
+                           _error_message(envelope, status))
 
     def _log_task(self, task: dict, outcome: str, started: float) -> None:
         """The one line per task: id, outcome, duration."""
         logger.info("task %s: %s in %.1f s", task["id"], outcome, time.monotonic() - started)
+
+
+def _last_lines(text: str, limit: int = 4000) -> str:
+    """The last few lines of some output, at most `limit` characters: a task's progress."""
+    lines = text.rstrip().splitlines()[-5:]
+    return "\n".join(lines)[-limit:]
+
+
+def _why_lease_ended(status: int, envelope: dict) -> str:
+    """Why a heartbeat was refused, in words: the task was deleted, cancelled, or is someone else's."""
+    if status == 404:
+        return "the task was deleted"
+    if "is cancelled" in _error_message(envelope, status):
+        return "the task was cancelled"
+    return "the lease was lost"
 
 
 def _parse_rfc3339(text: str) -> float:

@@ -3318,7 +3318,7 @@ def test_worker_stops_the_command_when_the_lease_is_lost(worker_server, tmp_path
     wait_until(lambda: store.get(task.id).status == "working")
     store.delete(task.id)  # its next heartbeat is refused
     assert worker.wait(timeout=10) == 0
-    assert "lease lost, command stopped, not reported" in worker.stderr.read()
+    assert "the task was deleted: command stopped, not reported" in worker.stderr.read()
 
 
 def test_worker_once_on_an_empty_queue_exits_0(worker_server, tmp_path):
@@ -3327,13 +3327,80 @@ def test_worker_once_on_an_empty_queue_exits_0(worker_server, tmp_path):
     assert store.statistics()["total_tasks"] == 0
 
 
-def test_worker_reports_a_command_that_cannot_start(worker_server, tmp_path):
+def test_worker_with_a_missing_command_exits_2_without_claiming(worker_server, tmp_path):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
     command = [sys.executable, str(MODULE), "work", "--url", url, "--work-path", str(tmp_path),
-               "--wait", "0", "--once", "--", str(tmp_path / "no-such-agent")]
-    assert subprocess.run(command, capture_output=True, timeout=30).returncode == 0
-    assert store.get(task.id).error_message.startswith("cannot start ")
+               "--wait", "0", "--", str(tmp_path / "no-such-agent")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "no task was claimed" in result.stderr
+    assert store.get(task.id).status == "waiting"
+
+
+def test_worker_that_cannot_start_its_command_releases_the_task_and_exits_2(worker_server,
+                                                                            tmp_path):
+    url, store = worker_server
+    missing = tmp_path / "gone"  # the directory does not exist: the worker is at fault
+    task, _ = store.create({"work_directory": str(missing), "prompt": "p"})
+    status, stderr = run_worker(url, missing)
+    assert status == 2 and "cannot start" in stderr
+    again = store.get(task.id)
+    assert (again.status, again.retry_count) == ("waiting", 0)
+
+
+def test_worker_stops_after_max_failures_in_a_row(worker_server, tmp_path):
+    url, store = worker_server
+    tasks = [store.create({"work_directory": str(tmp_path), "prompt": f"p{n}",
+                           "max_retries": 0})[0] for n in range(4)]
+    result = subprocess.run(worker_command(url, tmp_path, "--max-failures", "2"), text=True,
+                            capture_output=True, timeout=30,
+                            env={**os.environ, "AGENT_EXIT": "1"})
+    assert result.returncode == 3 and "2 tasks failed in a row" in result.stderr
+    statuses = [store.get(task.id).status for task in tasks]
+    assert statuses.count("failed") == 2 and statuses.count("waiting") == 2
+
+
+def test_worker_fails_a_nul_prompt_for_good_and_goes_on(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "a\u0000b"})
+    echo = ("-c", "import sys; print(sys.argv[1])", "{prompt}")
+    status, stderr = run_worker(url, tmp_path, agent=echo)
+    assert status == 0 and "Traceback" not in stderr
+    failed = store.get(task.id)
+    assert failed.status == "failed" and "NUL" in failed.error_message
+
+
+def test_worker_reports_output_that_is_not_utf8(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    agent = ("-c", "import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end')")
+    assert run_worker(url, tmp_path, "--quiet", agent=agent)[0] == 0
+    assert store.get(task.id).result["output"] == "ok \ufffd\ufffd end"
+
+
+def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path):
+    url, store = worker_server  # 2 s leases: a heartbeat every 2/3 s
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", "--grace", "1"), text=True,
+                              env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
+    wait_until(lambda: store.get(task.id).status == "working")
+    cancelled = time.monotonic()
+    store.cancel(task.id)
+    assert worker.wait(timeout=10) == 0
+    assert time.monotonic() - cancelled < 8
+    assert "the task was cancelled" in worker.stderr.read()
+
+
+def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    agent = ("-c", "import time; print('step one', flush=True); time.sleep(3)")
+    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", agent=agent), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: store.get(task.id).progress == "step one")
+    stdout, _ = worker.communicate(timeout=20)
+    assert "step one" in stdout  # shown as it came, and reported too
+    assert store.get(task.id).result["output"].strip() == "step one"
 
 
 def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_path):
@@ -3365,8 +3432,7 @@ def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_s
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 130
     handed_back = store.get(task.id)
-    assert handed_back.status == "waiting" and handed_back.retry_count == 1
-    assert handed_back.error_message == "the worker was interrupted"
+    assert handed_back.status == "waiting" and handed_back.retry_count == 0  # no retry used
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
 
