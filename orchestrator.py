@@ -3740,6 +3740,10 @@ class _Worker:
                     self._work_on(task)
                 if self.settings.once:
                     break
+                if task is None:
+                    # A claim can answer "nothing" at once (--wait 0, or every long-poll
+                    # slot taken): pause, so that an idle worker never hammers the server.
+                    self._pause(1.0)
         except _Refused as error:
             logger.error("%s", error)
             return 2
