@@ -1711,26 +1711,26 @@ def test_new_tasks_after_a_restart_queue_behind_the_old_ones(open_store):
     assert [t.prompt for t in reopened.list()["tasks"]] == ["new", "old"]
 
 
-def test_a_lease_that_ran_out_while_the_server_was_down_expires_at_the_first_request(
-        open_store, clock):
+def restart_holding_a_task(open_store, clock, down_for):
+    """A store whose task "w" holds is closed, the clock moved on, the file opened again."""
     store = open_store()
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     store.claim("/r", "w")
     store.close()
-    clock.advance(61)
-    reopened = open_store()
+    clock.advance(down_for)
+    return open_store(), task
+
+
+def test_a_lease_that_ran_out_while_the_server_was_down_expires_at_the_first_request(
+        open_store, clock):
+    reopened, task = restart_holding_a_task(open_store, clock, down_for=61)
     again = reopened.get(task.id)
     assert (again.status, again.retry_count, again.worker_id) == ("waiting", 1, None)
     assert reopened.statistics()["expired_leases_total"] == 1
 
 
 def test_a_held_lease_survives_a_restart_for_its_worker(open_store, clock):
-    store = open_store()
-    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
-    store.claim("/r", "w")
-    store.close()
-    clock.advance(30)
-    reopened = open_store()
+    reopened, task = restart_holding_a_task(open_store, clock, down_for=30)
     assert reopened.heartbeat(task.id, {"worker_id": "w"}).status == "working"
     assert reopened.complete(task.id, {"worker_id": "w"}).status == "completed"
 
