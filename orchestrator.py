@@ -3468,13 +3468,15 @@ def _main_mcp_stdio(argv: list[str]) -> int:
         description="Relay an MCP client that speaks stdio to a running orchestrator's /mcp, "
                     "so that every agent shares one queue. Stdout carries only protocol "
                     "messages; logs go to stderr. Exits when stdin closes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8080/mcp", help="the MCP endpoint")
+    parser.add_argument("--url", default="http://127.0.0.1:8080",
+                        help="the orchestrator, or its /mcp address")
     parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
-                        help="API key to send as a bearer token (default: APP_SECURITY_API_KEY)")
+                        help="API key to send as a bearer token (APP_SECURITY_API_KEY)")
     args = parser.parse_args(argv)
     _configure_logging(Config(log_level="warning"))
-    relay = _StdioRelay(args.url, args.token)
+    relay = _StdioRelay(_mcp_address(args.url), args.token)
     for line in sys.stdin:
         if line.strip():
             reply = relay.forward(line.strip())
@@ -3482,6 +3484,14 @@ def _main_mcp_stdio(argv: list[str]) -> int:
                 sys.stdout.write(json.dumps(reply) + "\n")
                 sys.stdout.flush()
     return 0
+
+
+def _mcp_address(url: str) -> str:
+    """The /mcp address of an orchestrator given by its base URL (as `work` takes it) or as is."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit(parts._replace(path="/mcp"))
+    return url
 
 
 class _StdioRelay:

@@ -22,6 +22,7 @@ import uuid
 import wsgiref.util
 from pathlib import Path
 
+import bottle
 import pytest
 import webtest
 
@@ -2896,6 +2897,13 @@ def test_mcp_stdio_answers_every_request_even_when_the_server_is_down():
     assert "cannot reach" in stderr
 
 
+@pytest.mark.parametrize("suffix", ["", "/", "/mcp"])
+def test_mcp_stdio_takes_the_base_url_like_work_does(live_url, suffix):
+    ping = ['{"jsonrpc": "2.0", "id": 1, "method": "ping"}']
+    status, replies, _ = run_relay(live_url + suffix, ping)
+    assert status == 0 and json.loads(replies[0]) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+
+
 def test_mcp_stdio_sends_the_token(store):
     config = Config(rate_limit=0, api_key="s3cret")
     with running_server(config, create_app(config, store)) as url:
@@ -3394,10 +3402,12 @@ def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path):
 def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    agent = ("-c", "import time; print('step one', flush=True); time.sleep(3)")
+    agent = ("-c", "import os, time; print('step one', flush=True)\n"
+                   "while not os.path.exists('go'): time.sleep(0.02)")
     worker = subprocess.Popen(worker_command(url, tmp_path, "--once", agent=agent), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).progress == "step one")
+    (tmp_path / "go").touch()
     stdout, _ = worker.communicate(timeout=20)
     assert "step one" in stdout  # shown as it came, and reported too
     assert store.get(task.id).result["output"].strip() == "step one"
@@ -3416,10 +3426,12 @@ def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_pat
     assert store.get(second.id).status == "waiting"  # no new claim after Ctrl-C
 
 
+@pytest.mark.parametrize("max_retries", [1, 0])
 def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_server,
-                                                                      tmp_path):
+                                                                      tmp_path, max_retries):
     url, store = worker_server
-    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p",
+                            "max_retries": max_retries})
     pid_file = tmp_path / "agent.pid"
     agent = ("-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                    "time.sleep(30)")
@@ -3435,6 +3447,73 @@ def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_s
     assert handed_back.status == "waiting" and handed_back.retry_count == 0  # no retry used
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_directory_concurrency_holds_a_second_worker_until_the_first_finishes(tmp_path):
+    store = TaskStore(task_timeout=2, directory_concurrency=1)
+    config = Config(rate_limit=0)
+    first, _ = store.create({"work_directory": str(tmp_path), "prompt": "one"})
+    second, _ = store.create({"work_directory": str(tmp_path), "prompt": "two"})
+    until_go = ("-c", "import os, time\nwhile not os.path.exists('go'): time.sleep(0.02)")
+    with running_server(config, create_app(config, store)) as url:
+        workers = [subprocess.Popen(worker_command(url, tmp_path, "--once", "--wait", "20",
+                                                   agent=until_go), stderr=subprocess.DEVNULL)]
+        wait_until(lambda: store.get(first.id).status == "working")
+        workers.append(subprocess.Popen(worker_command(url, tmp_path, "--once", "--wait", "20",
+                                                       agent=until_go),
+                                        stderr=subprocess.DEVNULL))
+        wait_until(lambda: store.waiting_claims == 1)
+        assert store.get(second.id).status == "waiting"  # held back: one agent per checkout
+        (tmp_path / "go").touch()
+        assert [worker.wait(timeout=30) for worker in workers] == [0, 0]
+    done = [store.get(first.id), store.get(second.id)]
+    assert [task.status for task in done] == ["completed", "completed"]
+    assert done[0].worker_id != done[1].worker_id
+    assert done[1].started_at >= done[0].completed_at  # never two at once
+    assert done[1].started_at - done[0].completed_at < 10  # the long poll woke, not timed out
+
+
+@contextlib.contextmanager
+def scripted_claims(*answers):
+    """A stand-in orchestrator whose claims get `answers` in turn, then "nothing waiting".
+
+    Yields (url, arrivals): the monotonic time of each claim.
+    """
+    app, arrivals = bottle.Bottle(), []
+    nothing = (200, {"success": True, "data": None, "error": None, "timestamp": "now"})
+
+    @app.get("/api/v1/tasks/next")
+    def claim():
+        arrivals.append(time.monotonic())
+        status, envelope = answers[len(arrivals) - 1] if len(arrivals) <= len(answers) else nothing
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps(envelope)
+
+    with running_server(Config(rate_limit=0), app) as url:
+        yield url, arrivals
+
+
+def test_worker_waits_out_a_rate_limit_as_the_server_says(tmp_path):
+    limited = {"success": False, "data": None, "timestamp": "now",
+               "error": {"code": "RATE_LIMITED", "message": "rate limit exceeded; retry in 2 s",
+                         "details": {"retry_after": 2}}}
+    with scripted_claims((429, limited)) as (url, arrivals):
+        status, stderr = run_worker(url, tmp_path)
+    assert status == 0
+    assert "rate limited by the orchestrator; retrying in 2 s" in stderr
+    assert "cannot reach" not in stderr
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 2  # not the 1 s backoff
+
+
+def test_an_idle_worker_pauses_a_second_between_claims_that_find_nothing(tmp_path):
+    with scripted_claims() as (url, arrivals):
+        worker = subprocess.Popen(worker_command(url, tmp_path), stderr=subprocess.DEVNULL)
+        wait_until(lambda: len(arrivals) >= 2)
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=10) == 0
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    assert min(gaps) >= 0.9  # --wait 0 answers at once: without the pause, a busy loop
 
 
 def test_worker_with_a_wrong_key_exits_2(tmp_path):
