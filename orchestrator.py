@@ -56,6 +56,7 @@ import os
 import posixpath
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -93,9 +94,9 @@ __all__ = [
     "STATUSES", "WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED", "FINISHED", "PRIORITIES",
     # the request declarations: bodies and queries, and the fields they share
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
-    "TASK_RETRY", "TASK_RELEASE", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY", "PROMPT", "PRIORITY",
-    "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "TASK_ID", "IDEMPOTENCY_KEY",
-    "IDEMPOTENCY_HEADER",
+    "TASK_RETRY", "TASK_RELEASE", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY",
+    "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN",
+    "REPORTER", "TASK_ID", "IDEMPOTENCY_KEY", "IDEMPOTENCY_HEADER",
     # the service
     "Config",
     "Field",
@@ -149,6 +150,14 @@ def _choice(*options: str) -> Callable[[str], str]:
             raise ValueError("one of " + ", ".join(options))
         return raw.strip().lower()
     return parse
+
+
+def _switch(raw: str) -> bool:
+    """A parser for on or off (also true/false, yes/no, 1/0), in any case."""
+    word = raw.strip().lower()
+    if word not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+        raise ValueError("on or off")
+    return word in ("on", "true", "yes", "1")
 
 
 def _text(raw: str) -> str:
@@ -231,6 +240,7 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_TASK_TIMEOUT", "task_timeout", _integer(1, 31_536_000)),
     ("APP_TASK_RETENTION", "retention", _integer(0, 3_153_600_000)),
     ("APP_TASK_DIRECTORY_CONCURRENCY", "directory_concurrency", _integer(0, 1000)),
+    ("APP_TASK_ANONYMOUS_REPORTS", "anonymous_reports", _switch),
     ("APP_DATA_FILE", "data_file", _text),
     ("APP_DATA_SYNC", "data_sync", _choice("full", "normal")),
     ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
@@ -255,6 +265,8 @@ class Config:
     task_timeout: int = 3600
     retention: int = 604_800
     directory_concurrency: int = 0  #: working tasks one directory may have at once; 0: any
+    #: Whether complete and fail may name neither worker_id nor lease_token (the seed's API).
+    anonymous_reports: bool = True
     data_file: str | None = None  #: the SQLite file that keeps the tasks; None: memory only
     data_sync: str = "full"  #: "full" survives power loss; "normal" only a crash of the process
     rate_limit: int = 1000
@@ -447,6 +459,8 @@ class Task:
     retry_count: int = 0
     progress: str | None = None  #: the holder's last word on how far it has got
     progress_at: float | None = None
+    #: The holder's secret for this one claim: a report that carries it is fenced to this lease.
+    lease_token: str | None = field(default=None, repr=False)
     number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
     #: Its live entry in its directory's queue while waiting; any other entry is stale.
     queue_entry: tuple | None = field(default=None, repr=False)
@@ -455,11 +469,16 @@ class Task:
     #: Counts the task's changes, so that a data file never takes an older row over a newer.
     version: int = field(default=0, repr=False)
 
-    def snapshot(self) -> Task:
-        """A copy that shares nothing mutable with this task, to hand out of the store."""
+    def snapshot(self, *, with_lease_token: bool = False) -> Task:
+        """A copy that shares nothing mutable with this task, to hand out of the store.
+
+        The lease token stays out unless asked for: only the claim that made it
+        hands it out, so that nobody else can read it and report as the holder.
+        """
         return dataclasses.replace(self, tags=list(self.tags),
                                    metadata=copy.deepcopy(self.metadata),
-                                   result=copy.deepcopy(self.result))
+                                   result=copy.deepcopy(self.result),
+                                   lease_token=self.lease_token if with_lease_token else None)
 
     def to_dict(self) -> dict:
         """The task as the API shows it, timestamps in RFC 3339 UTC."""
@@ -621,6 +640,7 @@ class Schema:
     name: str
     fields: tuple[Field, ...]
     min_fields: int = 0  #: how many fields a payload must set at least
+    one_of: tuple[str, ...] = ()  #: of these fields, a payload must set at least one
 
     def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
         """Validate a payload and return its cleaned fields, defaults filled in."""
@@ -645,10 +665,17 @@ class Schema:
             raise ValidationError(
                 f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
             )
+        if self.one_of and not any(name in payload for name in self.one_of):
+            first, *others = self.one_of
+            raise _invalid(prefix + first, f"is required (or {' or '.join(others)})")
         return cleaned
 
-    def json_schema(self) -> dict:
-        """The body as a closed JSON Schema object: declared fields only."""
+    def json_schema(self, any_of: bool = True) -> dict:
+        """The body as a closed JSON Schema object: declared fields only.
+
+        `one_of` becomes an anyOf of required fields unless `any_of` is False:
+        some MCP clients refuse anyOf at the top of a tool's input schema.
+        """
         schema: dict[str, object] = {
             "type": "object",
             "properties": {f.name: f.json_schema() for f in self.fields},
@@ -659,6 +686,8 @@ class Schema:
             schema["required"] = required
         if self.min_fields:
             schema["minProperties"] = self.min_fields
+        if self.one_of and any_of:
+            schema["anyOf"] = [{"required": [name]} for name in self.one_of]
         return schema
 
     def field(self, name: str) -> Field | None:
@@ -734,6 +763,14 @@ WORKER_ID = Field(
     pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$", pattern_rule="must be printable characters",
     description="Who holds (or claims) the task.",
 )
+LEASE_TOKEN = Field(
+    "lease_token", "string", min_length=1, max_length=100,
+    pattern=r"^[A-Za-z0-9_-]+$", pattern_rule="must be a lease_token as a claim returned it",
+    description="The lease_token your claim returned: the report counts only while that "
+                "claim's lease holds, so a late report can never touch a later holder's task.",
+)
+#: A report names who makes it: its lease's token (exact) or its worker id (a name only).
+REPORTER = ("lease_token", "worker_id")
 TASK_ID = Field(
     "task_id", "string", required=True,
     pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
@@ -756,26 +793,31 @@ RESULT = Schema("TaskResult", (
 
 TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES))
 TASK_UPDATE = TASK_CREATE.partial("TaskUpdate")
+# complete and fail may be anonymous while APP_TASK_ANONYMOUS_REPORTS is on (the seed's
+# clients send neither field); `_signed` is the same body once a reporter is required.
 TASK_COMPLETE = Schema("TaskComplete", (
     dataclasses.replace(PROMPT, name="original_prompt", required=False,
                         description="When given, must equal the task's prompt."),
+    LEASE_TOKEN,
     WORKER_ID,
     Field("result", "object", schema=RESULT,
           description='Defaults to {"status": "success", "output": ""}.'),
 ))
 TASK_FAIL = Schema("TaskFail", (
     Field("error", "string", required=True, min_length=1, max_length=10_000),
+    LEASE_TOKEN,
     WORKER_ID,
     Field("retry", "boolean", default=True,
           description="false makes the failure final whatever the retries left."),
 ))
 TASK_HEARTBEAT = Schema("TaskHeartbeat", (
-    dataclasses.replace(WORKER_ID, required=True),
+    LEASE_TOKEN,
+    WORKER_ID,
     Field("progress", "string", max_length=4000,
           description="How far the task has got, e.g. the last lines of the agent's output; "
                       "kept on the task as progress, with progress_at."),
-))
-TASK_RELEASE = Schema("TaskRelease", (dataclasses.replace(WORKER_ID, required=True),))
+), one_of=REPORTER)
+TASK_RELEASE = Schema("TaskRelease", (LEASE_TOKEN, WORKER_ID), one_of=REPORTER)
 TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
 TASK_RETRY = Schema("TaskRetry", ())
 CLAIM_QUERY = Schema("ClaimQuery", (
@@ -794,6 +836,11 @@ LIST_QUERY = Schema("ListQuery", (
     Field("limit", "integer", minimum=1, maximum=1000, default=50),
     Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0),
 ))
+
+
+def _signed(schema: Schema) -> Schema:
+    """The same body with a reporter required: a lease_token or a worker_id."""
+    return dataclasses.replace(schema, one_of=REPORTER)
 
 
 def _nullable(schema: dict) -> dict:
@@ -1420,10 +1467,13 @@ class TaskStore:
         path: str | None = None,
         sync: str = "full",
         directory_concurrency: int = 0,
+        anonymous_reports: bool = True,
     ) -> None:
         self.max_retries = max_retries
         #: How many tasks of one directory may be working at once; 0: any number.
         self.directory_concurrency = directory_concurrency
+        #: Whether complete and fail may name no reporter; off, they need a token or a worker id.
+        self.anonymous_reports = anonymous_reports
         self.task_timeout = task_timeout
         self.retention = retention  #: seconds finished tasks are kept; 0 keeps them forever
         self._clock = clock
@@ -1463,7 +1513,8 @@ class TaskStore:
         # Long-poll claims hold a waitress thread each; two stay free for everything else.
         return cls(config.max_retries, config.task_timeout, config.retention,
                    max_waiters=max(0, config.threads - 2), path=config.data_file,
-                   sync=config.data_sync, directory_concurrency=config.directory_concurrency)
+                   sync=config.data_sync, directory_concurrency=config.directory_concurrency,
+                   anonymous_reports=config.anonymous_reports)
 
     @property
     def path(self) -> str | None:
@@ -1532,6 +1583,7 @@ class TaskStore:
         unless max_waiters claims already wait (then it answers at once).
         """
         query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait})
+        lease_token = secrets.token_urlsafe(24)  # os.urandom may release the GIL: not under the lock
         with self._transaction() as (now, events):
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
@@ -1540,17 +1592,18 @@ class TaskStore:
                 return None
             self._set_status(task, WORKING, now)
             task.worker_id = query["worker_id"]
+            task.lease_token = lease_token
             task.started_at = now
             self._lease(task, now)
             events.append(_event("claimed", task))
-            return task.snapshot()
+            return task.snapshot(with_lease_token=True)
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
-        values = TASK_COMPLETE.clean(fields or {})
+        values = self._reports(TASK_COMPLETE).clean(fields or {})
         result = values.get("result") or RESULT.clean({})
         with self._transaction() as (now, events):
-            task = self._held(task_id, values.get("worker_id"))
+            task = self._held(task_id, values)
             if values.get("original_prompt", task.prompt) != task.prompt:
                 raise Conflict("original_prompt does not match the task's prompt")
             task.result = result
@@ -1564,9 +1617,9 @@ class TaskStore:
 
     def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Record the holder's failure: re-queued while retries are left, else failed."""
-        values = TASK_FAIL.clean(fields)
+        values = self._reports(TASK_FAIL).clean(fields)
         with self._transaction() as (now, events):
-            task = self._held(task_id, values.get("worker_id"))
+            task = self._held(task_id, values)
             self._fail(task, values["error"], values["retry"], now, events)
             return task.snapshot()
 
@@ -1574,7 +1627,7 @@ class TaskStore:
         """Extend the holder's lease to a full task timeout from now."""
         values = TASK_HEARTBEAT.clean(fields)
         with self._transaction() as (now, _):
-            task = self._held(task_id, values["worker_id"])
+            task = self._held(task_id, values)
             self._lease(task, now)
             task.updated_at = now
             if "progress" in values:
@@ -1589,10 +1642,11 @@ class TaskStore:
         """
         values = TASK_RELEASE.clean(fields)
         with self._transaction() as (now, events):
-            task = self._held(task_id, values["worker_id"])
+            task = self._held(task_id, values)
+            holder = task.worker_id
             # A negative place goes before every task that entered the queue normally.
             self._requeue(task, now, place=-self._next_sequence())
-            events.append(_event("released", task, worker_id=values["worker_id"]))
+            events.append(_event("released", task, worker_id=holder))
             return task.snapshot()
 
     def cancel(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
@@ -1825,12 +1879,12 @@ class TaskStore:
         """Back to waiting, with no holder: at the back of its priority, or at `place`."""
         self._set_status(task, WAITING, now)
         task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
-        task.progress = task.progress_at = None
+        task.lease_token = task.progress = task.progress_at = None
         self._enqueue(task, self._next_sequence() if place is None else place)
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
-        task.lease_expires_at = None
+        task.lease_expires_at = task.lease_token = None
         # Before the status: indexing a completed task adds its duration, which
         # needs completed_at.
         task.completed_at = now
@@ -1979,10 +2033,25 @@ class TaskStore:
             raise NotFound(f"task {_shorten(task_id)} not found")
         return task
 
-    def _held(self, task_id: str, worker_id: str | None) -> Task:
-        """A working task, held by worker_id when one is given; Conflict otherwise."""
+    def _reports(self, body: Schema) -> Schema:
+        """A complete or fail body as this store takes it: anonymous, or naming its reporter."""
+        return body if self.anonymous_reports else _signed(body)
+
+    def _held(self, task_id: str, reporter: Mapping[str, object]) -> Task:
+        """The working task a report is about, held by the reporter it names; Conflict otherwise.
+
+        A lease token names one claim exactly, so it is checked first: a worker
+        id names only a worker, which may have claimed the same task again since.
+        """
         task = self._find(task_id)
+        token = reporter.get("lease_token")
+        if token is not None and not (task.status == WORKING and task.lease_token is not None
+                                      and hmac.compare_digest(token, task.lease_token)):
+            ended = f"the task is {task.status}" if task.status != WORKING else \
+                "the task has been claimed again"
+            raise Conflict(f"task {task.id}: this lease is over ({ended})")
         self._require(task, (WORKING,), "report on")
+        worker_id = reporter.get("worker_id")
         if worker_id is not None and worker_id != task.worker_id:
             raise Conflict(f"task {task.id} is not held by worker {worker_id}")
         return task
@@ -2431,9 +2500,9 @@ def _create_task(store: TaskStore, fields: dict) -> dict:
 
 
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
-    """Claim the next waiting task of a directory; null when none waits."""
+    """Claim the next waiting task of a directory, with its lease token; null when none waits."""
     task = store.claim(**fields)
-    return None if task is None else task.to_dict()
+    return None if task is None else {**task.to_dict(), "lease_token": task.lease_token}
 
 
 def _complete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -2546,7 +2615,8 @@ _ROUTES = (
            conflicts=True, header=IDEMPOTENCY_HEADER),
     _Route("GET", "/api/v1/tasks", _list_tasks, {"$ref": "#/components/schemas/TaskPage"},
            query=LIST_QUERY),
-    _Route("GET", "/api/v1/tasks/next", _claim_task, _nullable(_TASK_REF), query=CLAIM_QUERY),
+    _Route("GET", "/api/v1/tasks/next", _claim_task,
+           _nullable({"$ref": "#/components/schemas/ClaimedTask"}), query=CLAIM_QUERY),
     _Route("GET", "/api/v1/tasks/{task_id}", _get_task, _TASK_REF),
     _Route("PATCH", "/api/v1/tasks/{task_id}", _update_task, _TASK_REF, body=TASK_UPDATE,
            conflicts=True),
@@ -2600,6 +2670,14 @@ _TASK_SCHEMA = {
     "additionalProperties": False,
 }
 _TASK_SCHEMA["required"] = list(_TASK_SCHEMA["properties"])
+#: What a claim answers: the task, and the lease token that only its holder ever sees.
+_CLAIMED_SCHEMA = {
+    **_TASK_SCHEMA,
+    "properties": {**_TASK_SCHEMA["properties"], "lease_token": {
+        "type": "string", "description": "Send it with every report on this task: "
+                                         "heartbeat, complete, fail, release."}},
+    "required": [*_TASK_SCHEMA["required"], "lease_token"],
+}
 _PAGE_SCHEMA = {
     "type": "object",
     "properties": {
@@ -2693,11 +2771,13 @@ _TOOLS_TTL_MS = 300_000  # the tools change only when the server is upgraded
 _INSTRUCTIONS = (
     "A shared queue of coding tasks, each a prompt for one absolute work directory. "
     "To work: call acquire_task with the directory you work in (work_path) and a stable "
-    "worker_id; {\"task\": null} means nothing is waiting. Do the task's prompt in its "
-    "work_directory. If it runs long, call heartbeat_task with your worker_id before "
+    "worker_id; {\"task\": null} means nothing is waiting. The task comes with a "
+    "lease_token: pass it back, with your worker_id, in every call about that task. Do the "
+    "task's prompt in its work_directory. If it runs long, call heartbeat_task before "
     "lease_expires_at, or the task goes to another worker. Finish with complete_task "
-    "(result.output: what you did) or fail_task (error: why), always with your worker_id. "
-    "create_task queues new work; list_tasks, get_task and get_statistics show the queue."
+    "(result.output: what you did) or fail_task (error: why). If you cannot work on it, "
+    "release_task hands it back. create_task queues new work; list_tasks, get_task and "
+    "get_statistics show the queue."
 )
 
 _PARSE_ERROR, _INVALID_REQUEST, _METHOD_NOT_FOUND, _INVALID_PARAMS = -32700, -32600, -32601, -32602
@@ -2723,7 +2803,7 @@ class _RpcError(Exception):
 
 _ACQUIRED_SCHEMA = {
     "type": "object",
-    "properties": {"task": _nullable(_TASK_SCHEMA)},
+    "properties": {"task": _nullable(_CLAIMED_SCHEMA)},
     "required": ["task"],
     "additionalProperties": False,
 }
@@ -2765,7 +2845,7 @@ class _Tool:
             "name": self.name,
             "title": self.title,
             "description": self.description,
-            "inputSchema": self.arguments.json_schema(),
+            "inputSchema": self.arguments.json_schema(any_of=False),
             "outputSchema": self.output,
             "annotations": {"title": self.title, **self.hints},
         }
@@ -2794,8 +2874,13 @@ def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
 
 def _with_task_id(name: str, body: Schema | None = None) -> Schema:
     """A tool's arguments: the task id, then the fields of the REST body (if any)."""
-    return Schema(name, (TASK_ID, *(body.fields if body else ())))
+    if body is None:
+        return Schema(name, (TASK_ID,))
+    return Schema(name, (TASK_ID, *body.fields), one_of=body.one_of)
 
+
+_PASS_THE_TOKEN = (" Pass the lease_token acquire_task gave you (and your worker_id); one of "
+                   "the two is required, and the token makes sure the lease is still yours.")
 
 _TOOLS = {tool.name: tool for tool in (
     _Tool("create_task", "Create a task",
@@ -2805,27 +2890,28 @@ _TOOLS = {tool.name: tool for tool in (
           _create_by_tool, _ADDITIVE),
     _Tool("acquire_task", "Acquire the next task",
           "Claim the next waiting task for your work directory: highest priority, then oldest. "
-          "You hold it under a lease until lease_expires_at. Returns {\"task\": null} when "
-          "nothing is waiting.",
+          "You hold it under a lease until lease_expires_at. The task comes with a lease_token: "
+          "pass it to heartbeat_task, complete_task, fail_task and release_task. Returns "
+          "{\"task\": null} when nothing is waiting.",
           CLAIM_QUERY, _ACQUIRED_SCHEMA, _acquire_by_tool, _ADDITIVE, _acquire_text),
     _Tool("complete_task", "Complete a task",
           "Report a task you hold as done, with its result. A result status of \"failure\" "
-          "counts as a failed attempt.",
-          _with_task_id("complete_task", TASK_COMPLETE), _TASK_SCHEMA, _through_rest(_complete_task),
+          "counts as a failed attempt." + _PASS_THE_TOKEN,
+          _with_task_id("complete_task", _signed(TASK_COMPLETE)), _TASK_SCHEMA, _through_rest(_complete_task),
           _IDEMPOTENT),
     _Tool("fail_task", "Fail a task",
           "Report that a task you hold failed. It is queued again while retries are left "
-          "(unless retry is false), else it becomes failed.",
-          _with_task_id("fail_task", TASK_FAIL), _TASK_SCHEMA, _through_rest(_fail_task), _ADDITIVE),
+          "(unless retry is false), else it becomes failed." + _PASS_THE_TOKEN,
+          _with_task_id("fail_task", _signed(TASK_FAIL)), _TASK_SCHEMA, _through_rest(_fail_task), _ADDITIVE),
     _Tool("heartbeat_task", "Extend a lease",
           "Extend your lease on a task you hold, so that a long run keeps it; progress (optional) "
-          "says how far you have got, for whoever watches the queue.",
+          "says how far you have got, for whoever watches the queue." + _PASS_THE_TOKEN,
           _with_task_id("heartbeat_task", TASK_HEARTBEAT), _TASK_SCHEMA,
           _through_rest(_heartbeat_task),
           _IDEMPOTENT),
     _Tool("release_task", "Release a task",
           "Hand a task you hold back to the queue, first in line, without using up a retry: "
-          "for when you cannot work on it (not when it failed: use fail_task).",
+          "for when you cannot work on it (not when it failed: use fail_task)." + _PASS_THE_TOKEN,
           _with_task_id("release_task", TASK_RELEASE), _TASK_SCHEMA, _through_rest(_release_task),
           _ADDITIVE),
     _Tool("cancel_task", "Cancel a task",
@@ -3071,7 +3157,8 @@ def _openapi_document() -> dict:
         "paths": paths,
         "components": {
             "schemas": {
-                "Task": _TASK_SCHEMA, "TaskPage": _PAGE_SCHEMA, "Statistics": _STATISTICS_SCHEMA,
+                "Task": _TASK_SCHEMA, "ClaimedTask": _CLAIMED_SCHEMA, "TaskPage": _PAGE_SCHEMA,
+                "Statistics": _STATISTICS_SCHEMA,
                 "Health": _HEALTH_SCHEMA, "Deleted": _DELETED_SCHEMA,
                 "ErrorEnvelope": _error_envelope_schema(),
                 **{route.body.name: route.body.json_schema() for route in _ROUTES if route.body},
@@ -3782,10 +3869,14 @@ class _Worker:
     def _report(self, task: dict, action: str, body: dict) -> str:
         """Report on the task, retrying while the server is unreachable; what became of it."""
         status, envelope = self._request("POST", f"/api/v1/tasks/{task['id']}/{action}",
-                                         {"worker_id": self.settings.worker_id, **body})
+                                         {**self._reporter(task), **body})
         if status == 200:
             return envelope["data"]["status"]
         return f"not recorded ({_error_message(envelope, status)})"
+
+    def _reporter(self, task: dict) -> dict:
+        """Who reports on a task: this worker, fenced to the lease its claim got."""
+        return {"worker_id": self.settings.worker_id, "lease_token": task["lease_token"]}
 
     def _request(self, method: str, path: str, body: dict | None, claiming: bool = False,
                  timeout: float = 30) -> tuple[int, dict] | None:
@@ -3972,7 +4063,7 @@ class _Worker:
         lease = _parse_rfc3339(task["lease_expires_at"]) - _parse_rfc3339(task["started_at"])
         while not finished.wait(max(min(lease / 3, 5), 0.05)):
             progress = _last_lines(stdout.text(8000) or stderr.text(8000))
-            body = {"worker_id": self.settings.worker_id, **({"progress": progress} if progress else {})}
+            body = {**self._reporter(task), **({"progress": progress} if progress else {})}
             try:
                 status, envelope = self.api.call("POST", f"/api/v1/tasks/{task['id']}/heartbeat",
                                                  body)
@@ -4020,7 +4111,7 @@ class _Worker:
         """Release the task without using up a retry: the worker is at fault, not the task."""
         try:
             status, envelope = self.api.call("POST", f"/api/v1/tasks/{task['id']}/release",
-                                             {"worker_id": self.settings.worker_id}, timeout=5)
+                                             self._reporter(task), timeout=5)
         except (OSError, _Refused) as error:
             logger.warning("could not hand task %s back (%s); its lease will expire",
                            task["id"], error)

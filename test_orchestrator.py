@@ -702,6 +702,141 @@ def test_statistics_never_show_an_expired_lease_as_held(client, make_task, claim
 
 
 # ---------------------------------------------------------------------------
+# Fencing: a lease token per claim
+# ---------------------------------------------------------------------------
+
+REPORTS = [("complete", {}), ("fail", {"error": "late"}), ("heartbeat", {}), ("release", {})]
+
+
+def lease_over(res):
+    assert res.json["error"]["code"] == "CONFLICT"
+    assert "this lease is over" in res.json["error"]["message"]
+
+
+@pytest.mark.parametrize("action, body", REPORTS)
+@pytest.mark.parametrize("names_worker", [True, False])
+def test_a_late_report_from_an_expired_lease_cannot_touch_the_next_holders_task(
+        client, make_task, claim, clock, store, action, body, names_worker):
+    task = make_task()
+    first = claim(worker_id="a")
+    clock.advance(61)  # a's lease expires; b claims the task
+    second = claim(worker_id="b")
+    late = {**body, "lease_token": first["lease_token"], **({"worker_id": "a"} if names_worker else {})}
+    lease_over(client.post_json(task_url(task, action), late, status=409))
+    held = store.get(task["id"])
+    assert (held.status, held.worker_id, held.result) == ("working", "b", None)
+    done = client.post_json(task_url(task, "complete"), {"lease_token": second["lease_token"]})
+    assert done.json["data"]["status"] == "completed"
+
+
+def test_a_worker_that_claims_the_task_again_cannot_report_on_its_old_lease(
+        client, make_task, claim, clock):
+    task = make_task()
+    old = claim(worker_id="w")
+    clock.advance(61)
+    new = claim(worker_id="w")  # the same name, restarted: a new lease
+    assert new["id"] == task["id"] and new["lease_token"] != old["lease_token"]
+    lease_over(client.post_json(task_url(task, "complete"),
+                                {"worker_id": "w", "lease_token": old["lease_token"]}, status=409))
+    client.post_json(task_url(task, "complete"), {"worker_id": "w", "lease_token": new["lease_token"]})
+
+
+@pytest.mark.parametrize("end_the_lease", [
+    lambda client, task, token: client.post_json(task_url(task, "release"), {"lease_token": token}),
+    lambda client, task, token: client.post_json(task_url(task, "cancel"), {}),
+    lambda client, task, token: client.post_json(task_url(task, "fail"),
+                                                 {"lease_token": token, "error": "x"}),
+], ids=["release", "cancel", "fail"])
+def test_a_token_is_refused_once_its_lease_has_ended(client, make_task, claim, store,
+                                                      end_the_lease):
+    task = make_task()
+    token = claim()["lease_token"]
+    end_the_lease(client, task, token)
+    before = store.get(task["id"]).to_dict()
+    for action, body in REPORTS:
+        lease_over(client.post_json(task_url(task, action), {**body, "lease_token": token},
+                                    status=409))
+    assert store.get(task["id"]).to_dict() == before  # a refused report changes nothing
+
+
+def test_a_token_and_a_worker_id_must_both_match(client, make_task, claim, store):
+    task = make_task()
+    token = claim(worker_id="a")["lease_token"]
+    res = client.post_json(task_url(task, "complete"), {"lease_token": token, "worker_id": "b"},
+                           status=409)
+    assert "not held by worker b" in res.json["error"]["message"]
+    assert store.get(task["id"]).status == "working"
+
+
+def test_each_claim_gets_a_new_unguessable_token_shown_only_in_its_answer(
+        client, make_task, claim, caplog):
+    caplog.set_level(logging.DEBUG, logger="orchestrator")
+    tasks = [make_task(), make_task()]
+    tokens = [claim()["lease_token"], claim()["lease_token"]]
+    assert tokens[0] != tokens[1] and all(len(token) >= 22 for token in tokens)
+    shown = [client.get(task_url(task)).text for task in tasks] + [client.get("/api/v1/tasks").text]
+    assert not any(token in text for token in tokens for text in shown + [caplog.text])
+    assert all("lease_token" not in text for text in shown)
+
+
+def test_heartbeat_and_release_take_a_token_instead_of_a_worker_id(client, make_task, claim):
+    task = make_task()
+    token = claim()["lease_token"]
+    beat = client.post_json(task_url(task, "heartbeat"), {"lease_token": token}).json["data"]
+    assert beat["status"] == "working"
+    released = client.post_json(task_url(task, "release"), {"lease_token": token}).json["data"]
+    assert released["status"] == "waiting"
+
+
+@pytest.mark.parametrize("action, body", [("heartbeat", {}), ("release", {})])
+def test_heartbeat_and_release_name_the_missing_token(client, make_task, claim, action, body):
+    task = make_task()
+    claim()
+    res = client.post_json(task_url(task, action), body, status=400)
+    assert res.json["error"]["details"]["field"] == "lease_token"
+    assert "lease_token: is required (or worker_id)" in res.json["error"]["message"]
+
+
+@pytest.mark.parametrize("token", ["", "x" * 101, "has space", 7])
+def test_a_malformed_token_is_a_400_naming_it(client, make_task, claim, token):
+    task = make_task()
+    claim()
+    res = client.post_json(task_url(task, "complete"), {"lease_token": token}, status=400)
+    assert res.json["error"]["details"]["field"] == "lease_token"
+
+
+def test_anonymous_reports_work_while_the_setting_is_on(client, make_task, claim):
+    task = make_task()
+    claim()
+    assert client.post_json(task_url(task, "complete"), {}).json["data"]["status"] == "completed"
+
+
+@pytest.mark.parametrize("action, body", [("complete", {}), ("fail", {"error": "x"})])
+def test_anonymous_reports_are_a_400_when_the_setting_is_off(clock, action, body):
+    store = TaskStore(anonymous_reports=False, clock=clock)
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    task = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p"}).json["data"]
+    token = client.get("/api/v1/tasks/next", {"work_path": "/r", "worker_id": "w"}).json["data"][
+        "lease_token"]
+    res = client.post_json(task_url(task, action), body, status=400)
+    assert res.json["error"]["details"]["field"] == "lease_token"
+    assert store.get(task["id"]).status == "working"
+    client.post_json(task_url(task, action), {**body, "lease_token": token})
+
+
+@pytest.mark.parametrize("raw, allowed", [("on", True), ("off", False), ("OFF", False),
+                                          ("true", True), ("0", False)])
+def test_anonymous_reports_come_from_the_setting(raw, allowed):
+    config = Config.from_env({"APP_TASK_ANONYMOUS_REPORTS": raw})
+    assert TaskStore.from_config(config).anonymous_reports is allowed
+
+
+def test_anonymous_reports_setting_must_be_on_or_off():
+    with pytest.raises(ConfigError, match="APP_TASK_ANONYMOUS_REPORTS must be on or off"):
+        Config.from_env({"APP_TASK_ANONYMOUS_REPORTS": "maybe"})
+
+
+# ---------------------------------------------------------------------------
 # Cancel, retry, get, update, delete
 # ---------------------------------------------------------------------------
 
@@ -1736,6 +1871,19 @@ def test_a_held_lease_survives_a_restart_for_its_worker(open_store, clock):
     assert reopened.complete(task.id, {"worker_id": "w"}).status == "completed"
 
 
+def test_a_lease_token_survives_a_restart_and_still_fences(open_store, clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    token = store.claim("/r", "w").lease_token
+    store.close()
+    reopened = open_store()
+    assert reopened.heartbeat(task.id, {"lease_token": token}).status == "working"
+    reopened.release(task.id, {"lease_token": token})
+    reopened.claim("/r", "w")
+    with pytest.raises(Conflict, match="this lease is over"):
+        reopened.complete(task.id, {"lease_token": token})
+
+
 def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, clock):
     store = open_store()
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
@@ -2641,8 +2789,10 @@ def test_every_tool_works_and_returns_what_rest_returns(client, call_tool, claim
     second_id = second["structuredContent"]["id"]
     updated = call_tool("update_task", {"task_id": second_id, "prompt": "2", "tags": ["x"]})
     assert updated["structuredContent"]["prompt"] == "2"
-    call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
-    failed = call_tool("fail_task", {"task_id": second_id, "error": "no", "retry": False})
+    token = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})[
+        "structuredContent"]["task"]["lease_token"]
+    failed = call_tool("fail_task", {"task_id": second_id, "error": "no", "retry": False,
+                                     "lease_token": token})
     assert failed["structuredContent"]["status"] == "failed"
     retried = call_tool("retry_task", {"task_id": second_id})
     assert retried["structuredContent"]["status"] == "waiting"
@@ -2659,6 +2809,34 @@ def test_every_tool_works_and_returns_what_rest_returns(client, call_tool, claim
     assert empty["content"][0]["text"] == "No task is waiting in /r right now."
 
 
+@pytest.mark.parametrize("tool, arguments", [
+    ("complete_task", {}), ("fail_task", {"error": "x"}), ("heartbeat_task", {}),
+    ("release_task", {}),
+])
+def test_reporting_tools_need_a_lease_token_or_a_worker_id(call_tool, store, tool, arguments):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    acquired = call_tool("acquire_task", {"work_path": "/r", "worker_id": "w"})
+    token = acquired["structuredContent"]["task"]["lease_token"]
+    refused = call_tool(tool, {"task_id": task.id, **arguments})
+    assert refused["isError"] is True
+    assert "lease_token: is required (or worker_id)" in refused["content"][0]["text"]
+    assert store.get(task.id).status == "working"
+    accepted = call_tool(tool, {"task_id": task.id, "lease_token": token, **arguments})
+    assert accepted["isError"] is False
+
+
+def test_tools_and_instructions_tell_the_agent_to_pass_back_its_lease_token(rpc):
+    tools = {tool["name"]: tool for tool in rpc("tools/list").json["result"]["tools"]}
+    assert "lease_token" in tools["acquire_task"]["description"]
+    for name in ("complete_task", "fail_task", "heartbeat_task", "release_task"):
+        assert "lease_token" in tools[name]["inputSchema"]["properties"]
+        assert "lease_token" in tools[name]["description"]
+        assert "anyOf" not in tools[name]["inputSchema"]  # some clients refuse it at the top
+    init = rpc("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                              "clientInfo": {"name": "t", "version": "1"}}, version=None)
+    assert "lease_token" in init.json["result"]["instructions"]
+
+
 def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
     schemas = {tool["name"]: tool["outputSchema"]
                for tool in rpc("tools/list").json["result"]["tools"]}
@@ -2667,7 +2845,7 @@ def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
     calls = [
         ("acquire_task", {"work_path": "/r", "worker_id": "w"}),
         ("heartbeat_task", {"task_id": task_id, "worker_id": "w"}),
-        ("complete_task", {"task_id": task_id}),
+        ("complete_task", {"task_id": task_id, "worker_id": "w"}),
         ("get_task", {"task_id": task_id}),
         ("acquire_task", {"work_path": "/r", "worker_id": "w"}),
         ("list_tasks", {}),
@@ -2682,15 +2860,15 @@ def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
 
 @pytest.mark.parametrize("name, arguments, code", [
     ("get_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
-    ("complete_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
-    ("fail_task", {"task_id": MISSING_ID, "error": "x"}, "NOT_FOUND"),
+    ("complete_task", {"task_id": MISSING_ID, "worker_id": "w"}, "NOT_FOUND"),
+    ("fail_task", {"task_id": MISSING_ID, "error": "x", "lease_token": "t"}, "NOT_FOUND"),
     ("heartbeat_task", {"task_id": MISSING_ID, "worker_id": "w"}, "NOT_FOUND"),
     ("cancel_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
     ("retry_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
     ("update_task", {"task_id": MISSING_ID, "prompt": "x"}, "NOT_FOUND"),
     ("delete_task", {"task_id": MISSING_ID}, "NOT_FOUND"),
-    ("complete_task", {"task_id": "WAITING"}, "CONFLICT"),
-    ("fail_task", {"task_id": "WAITING", "error": "x"}, "CONFLICT"),
+    ("complete_task", {"task_id": "WAITING", "worker_id": "w"}, "CONFLICT"),
+    ("fail_task", {"task_id": "WAITING", "error": "x", "lease_token": "t"}, "CONFLICT"),
     ("heartbeat_task", {"task_id": "WAITING", "worker_id": "w"}, "CONFLICT"),
     ("retry_task", {"task_id": "WAITING"}, "CONFLICT"),
     ("create_task", {"work_directory": "/r", "prompt": "other", "idempotency_key": "k"},
@@ -2992,6 +3170,20 @@ def test_parameters_and_bodies_say_what_validation_enforces(document):
         "Idempotency-Key", "header", 200)
     assert document["paths"]["/api/v1/tasks/{task_id}/cancel"]["post"]["requestBody"][
         "required"] is False
+
+
+def test_the_document_shows_the_lease_token_in_the_claim_and_the_reports(document):
+    schemas = document["components"]["schemas"]
+    claimed = schemas["ClaimedTask"]
+    assert "lease_token" in claimed["required"] and "lease_token" not in schemas["Task"][
+        "properties"]
+    answer = document["paths"]["/api/v1/tasks/next"]["get"]["responses"]["200"]
+    assert "ClaimedTask" in json.dumps(answer)
+    for body in ("TaskComplete", "TaskFail", "TaskHeartbeat", "TaskRelease"):
+        assert "lease_token" in schemas[body]["properties"]
+    for body in ("TaskHeartbeat", "TaskRelease"):
+        assert schemas[body]["anyOf"] == [{"required": ["lease_token"]},
+                                          {"required": ["worker_id"]}]
 
 
 @pytest.mark.parametrize("method, path, present, absent", [
@@ -3514,6 +3706,23 @@ def test_an_idle_worker_pauses_a_second_between_claims_that_find_nothing(tmp_pat
         assert worker.wait(timeout=10) == 0
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
     assert min(gaps) >= 0.9  # --wait 0 answers at once: without the pause, a busy loop
+
+
+def test_worker_reports_with_its_token_so_a_new_lease_under_its_name_stops_it(worker_server,
+                                                                              tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", "--worker-id", "w1",
+                                             "--grace", "1"),
+                              text=True, env={**os.environ, "AGENT_SLEEP": "30"},
+                              stderr=subprocess.PIPE)
+    wait_until(lambda: store.get(task.id).status == "working")
+    store.release(task.id, {"worker_id": "w1"})
+    assert store.claim(str(tmp_path), "w1").id == task.id  # the same name, a new lease
+    assert worker.wait(timeout=10) == 0
+    assert "the lease was lost: command stopped, not reported" in worker.stderr.read()
+    held = store.get(task.id)
+    assert (held.status, held.worker_id, held.result) == ("working", "w1", None)
 
 
 def test_worker_with_a_wrong_key_exits_2(tmp_path):
