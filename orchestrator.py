@@ -1583,7 +1583,7 @@ class TaskStore:
         unless max_waiters claims already wait (then it answers at once).
         """
         query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait})
-        lease_token = secrets.token_urlsafe(24)  # os.urandom may release the GIL: not under the lock
+        lease_token = secrets.token_urlsafe(24)  # os.urandom may release the GIL: not locked
         with self._transaction() as (now, events):
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
@@ -2897,12 +2897,13 @@ _TOOLS = {tool.name: tool for tool in (
     _Tool("complete_task", "Complete a task",
           "Report a task you hold as done, with its result. A result status of \"failure\" "
           "counts as a failed attempt." + _PASS_THE_TOKEN,
-          _with_task_id("complete_task", _signed(TASK_COMPLETE)), _TASK_SCHEMA, _through_rest(_complete_task),
-          _IDEMPOTENT),
+          _with_task_id("complete_task", _signed(TASK_COMPLETE)), _TASK_SCHEMA,
+          _through_rest(_complete_task), _IDEMPOTENT),
     _Tool("fail_task", "Fail a task",
           "Report that a task you hold failed. It is queued again while retries are left "
           "(unless retry is false), else it becomes failed." + _PASS_THE_TOKEN,
-          _with_task_id("fail_task", _signed(TASK_FAIL)), _TASK_SCHEMA, _through_rest(_fail_task), _ADDITIVE),
+          _with_task_id("fail_task", _signed(TASK_FAIL)), _TASK_SCHEMA, _through_rest(_fail_task),
+          _ADDITIVE),
     _Tool("heartbeat_task", "Extend a lease",
           "Extend your lease on a task you hold, so that a long run keeps it; progress (optional) "
           "says how far you have got, for whoever watches the queue." + _PASS_THE_TOKEN,

@@ -721,7 +721,9 @@ def test_a_late_report_from_an_expired_lease_cannot_touch_the_next_holders_task(
     first = claim(worker_id="a")
     clock.advance(61)  # a's lease expires; b claims the task
     second = claim(worker_id="b")
-    late = {**body, "lease_token": first["lease_token"], **({"worker_id": "a"} if names_worker else {})}
+    late = {**body, "lease_token": first["lease_token"]}
+    if names_worker:
+        late["worker_id"] = "a"
     lease_over(client.post_json(task_url(task, action), late, status=409))
     held = store.get(task["id"])
     assert (held.status, held.worker_id, held.result) == ("working", "b", None)
@@ -738,7 +740,8 @@ def test_a_worker_that_claims_the_task_again_cannot_report_on_its_old_lease(
     assert new["id"] == task["id"] and new["lease_token"] != old["lease_token"]
     lease_over(client.post_json(task_url(task, "complete"),
                                 {"worker_id": "w", "lease_token": old["lease_token"]}, status=409))
-    client.post_json(task_url(task, "complete"), {"worker_id": "w", "lease_token": new["lease_token"]})
+    client.post_json(task_url(task, "complete"),
+                     {"worker_id": "w", "lease_token": new["lease_token"]})
 
 
 @pytest.mark.parametrize("end_the_lease", [
