@@ -827,6 +827,46 @@ def test_anonymous_reports_are_a_400_when_the_setting_is_off(clock, action, body
     client.post_json(task_url(task, action), {**body, "lease_token": token})
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_no_interleaving_lets_an_ended_lease_change_a_task(clock, seed):
+    """Random claims, expiries, cancels, retries and late reports: a report with a token
+    is accepted only from the task's latest claim while it is working, and a refused one
+    changes nothing."""
+    rng = random.Random(seed)
+    store = TaskStore(max_retries=100, task_timeout=60, clock=clock)
+    tasks = [store.create({"work_directory": "/r", "prompt": f"p{n}"})[0].id for n in range(2)]
+    latest, tokens = {}, []  # the latest claim's token per task; every token handed out
+    for _ in range(400):
+        step = rng.random()
+        if step < 0.25:
+            held = store.claim("/r", rng.choice(["a", "b"]))
+            if held is not None:
+                latest[held.id] = held.lease_token
+                tokens.append((held.id, held.lease_token))
+        elif step < 0.4:
+            clock.advance(rng.choice([1, 30, 61]))
+        elif step < 0.45:
+            task_id = rng.choice(tasks)
+            with contextlib.suppress(Conflict):
+                store.cancel(task_id)
+            with contextlib.suppress(Conflict):
+                store.retry(task_id)
+        elif tokens:
+            task_id, token = rng.choice(tokens)
+            action = rng.choice(["complete", "fail", "heartbeat", "release"])
+            before = store.get(task_id)
+            body = {"lease_token": token, **({"error": "x"} if action == "fail" else {})}
+            try:
+                getattr(store, action)(task_id, body)
+            except Conflict:
+                assert store.get(task_id).to_dict() == before.to_dict()
+            else:
+                assert before.status == "working" and latest[task_id] == token
+            if task_id in tasks and store.get(task_id).status == "completed":  # keep two in play
+                tasks[tasks.index(task_id)] = store.create(
+                    {"work_directory": "/r", "prompt": "again"})[0].id
+
+
 @pytest.mark.parametrize("raw, allowed", [("on", True), ("off", False), ("OFF", False),
                                           ("true", True), ("0", False)])
 def test_anonymous_reports_come_from_the_setting(raw, allowed):
