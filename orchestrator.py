@@ -95,6 +95,7 @@ __all__ = [
     # the request declarations: bodies and queries, and the fields they share
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
     "TASK_RETRY", "TASK_RELEASE", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY",
+    "TASK_BULK", "TASK_FILTERS", "BULK_LIMIT",
     "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN",
     "REPORTER", "TASK_ID", "IDEMPOTENCY_KEY", "IDEMPOTENCY_HEADER",
     # the service
@@ -432,6 +433,8 @@ WAITING, WORKING, COMPLETED, FAILED, CANCELLED = (
 )
 STATUSES = (WAITING, WORKING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
+CANCELLABLE = (WAITING, WORKING)
+RETRYABLE = (FAILED, CANCELLED)
 PRIORITIES = ("high", "medium", "low")  # claim order
 _PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
@@ -662,9 +665,8 @@ class Schema:
             elif declared.default is not None:
                 cleaned[declared.name] = copy.copy(declared.default)
         if len(payload) < self.min_fields:
-            raise ValidationError(
-                f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
-            )
+            rule = f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
+            raise _invalid(prefix[:-1], rule) if prefix else ValidationError(rule)
         if self.one_of and not any(name in payload for name in self.one_of):
             first, *others = self.one_of
             raise _invalid(prefix + first, f"is required (or {' or '.join(others)})")
@@ -827,14 +829,31 @@ CLAIM_QUERY = Schema("ClaimQuery", (
     Field("wait", "integer", minimum=0, maximum=20, default=0,
           description="Seconds to wait for a task when none is waiting; 0 answers at once."),
 ))
-LIST_QUERY = Schema("ListQuery", (
-    Field("status", "string", enum=STATUSES),
+_ONE_STATUS = "(" + "|".join(STATUSES) + ")"
+TASK_FILTERS = (
+    Field("status", "string", pattern=f"^{_ONE_STATUS}(,{_ONE_STATUS})*$",
+          pattern_rule="must be one or more of " + ", ".join(STATUSES) + ", comma-separated",
+          normalize=lambda text: ",".join(_unique(text.split(","))),
+          description="One status, or several separated by commas: waiting,failed."),
     dataclasses.replace(PRIORITY, default=None),
     WORKER_ID,
     dataclasses.replace(WORK_DIRECTORY, required=False),
     TAG,
+    Field("q", "string", min_length=1, max_length=200, normalize=str.casefold,
+          description="Text to find in the prompt, the error or the result's output, in any "
+                      "case. A scan of the tasks: slower than the other filters."),
+)
+LIST_QUERY = Schema("ListQuery", (
+    *TASK_FILTERS,
     Field("limit", "integer", minimum=1, maximum=1000, default=50),
     Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0),
+))
+BULK_LIMIT = 1000  # tasks one bulk call changes at most, so that it holds the lock briefly
+TASK_BULK = Schema("TaskBulk", (
+    Field("action", "string", required=True, enum=("retry", "cancel", "delete")),
+    Field("filter", "object", required=True, schema=Schema("TaskFilter", TASK_FILTERS, min_fields=1),
+          description="The list's filters; at least one, so that no call touches every task "
+                      "by accident."),
 ))
 
 
@@ -1427,6 +1446,32 @@ class _SortedKeys:
         for chunk in reversed(self._chunks):
             yield from reversed(chunk)
 
+    def first(self) -> object | None:
+        """The smallest key, or None when there is none."""
+        return self._chunks[0][0] if self._chunks else None
+
+
+@dataclass(slots=True)
+class _Directory:
+    """One work directory's tasks, counted as they change: what the page shows per queue."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    total: int = 0
+    waiting: _SortedKeys = field(default_factory=_SortedKeys)  #: (number, id), oldest first
+    holders: dict[str, int] = field(default_factory=dict)  #: worker id -> tasks it holds here
+
+
+WORKER_MEMORY = 3600  #: seconds a worker is remembered after it was last seen
+
+
+@dataclass(slots=True)
+class _WorkerRecord:
+    """What the store remembers of a worker it has seen: when, and how its reports went."""
+
+    last_seen: float
+    completed: int = 0
+    failed: int = 0
+
 
 def _pop_due(heap: list, now: float) -> Iterator[tuple]:
     """Pop the entries of a (deadline, ...) heap whose deadline has come."""
@@ -1464,6 +1509,7 @@ class TaskStore:
         retention: float = 604_800,
         clock: Callable[[], float] = time.time,
         max_waiters: int = 6,
+        max_workers: int = 10_000,
         path: str | None = None,
         sync: str = "full",
         directory_concurrency: int = 0,
@@ -1479,6 +1525,7 @@ class TaskStore:
         self._clock = clock
         self._started_at = clock()
         self.max_waiters = max_waiters  #: claims that may wait at once; the rest answer at once
+        self.max_workers = max_workers  #: workers remembered at most (the least recent go first)
         #: The lock guards every attribute below. Under it: change state, nothing
         #: else. Logging and JSON encoding happen after it is released.
         self._lock = threading.Lock()
@@ -1490,7 +1537,10 @@ class TaskStore:
         self._by_status = {status: _SortedKeys() for status in STATUSES}  # (number, id)
         self._queues: dict[str, list[tuple]] = {}  # directory -> heap of (rank, seq, id)
         self._stale_entries = 0  # queue entries whose task left the queue
-        self._working_in: dict[str, int] = {}  # directory -> how many of its tasks are working
+        self._directories: dict[str, _Directory] = {}  # only directories that have tasks
+        self._holding: dict[str, set[str]] = {}  # worker id -> ids of the tasks it holds
+        #: Workers seen in the last hour (claims and reports), least recently seen first.
+        self._workers: OrderedDict[str, _WorkerRecord] = OrderedDict()
         self._leases: list[tuple[float, str]] = []  # heap of (lease_expires_at, id)
         self._finished: list[tuple[float, str]] = []  # heap of (completed_at, id)
         self._idempotency: dict[str, str] = {}  # key -> task id
@@ -1588,10 +1638,11 @@ class TaskStore:
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
                 task, now = self._wait_for(query["work_path"], query["wait"], events)
+            self._seen(query["worker_id"], now)
             if task is None:
                 return None
+            task.worker_id = query["worker_id"]  # before the status: the holder is indexed too
             self._set_status(task, WORKING, now)
-            task.worker_id = query["worker_id"]
             task.lease_token = lease_token
             task.started_at = now
             self._lease(task, now)
@@ -1607,6 +1658,7 @@ class TaskStore:
             if values.get("original_prompt", task.prompt) != task.prompt:
                 raise Conflict("original_prompt does not match the task's prompt")
             task.result = result
+            self._seen(task.worker_id, now, FAILED if result["status"] == "failure" else COMPLETED)
             if result["status"] == "failure":
                 message = result["output"] or "the worker reported a failure"
                 self._fail(task, message, True, now, events)
@@ -1620,6 +1672,7 @@ class TaskStore:
         values = self._reports(TASK_FAIL).clean(fields)
         with self._transaction() as (now, events):
             task = self._held(task_id, values)
+            self._seen(task.worker_id, now, FAILED)
             self._fail(task, values["error"], values["retry"], now, events)
             return task.snapshot()
 
@@ -1628,6 +1681,7 @@ class TaskStore:
         values = TASK_HEARTBEAT.clean(fields)
         with self._transaction() as (now, _):
             task = self._held(task_id, values)
+            self._seen(task.worker_id, now)
             self._lease(task, now)
             task.updated_at = now
             if "progress" in values:
@@ -1644,6 +1698,7 @@ class TaskStore:
         with self._transaction() as (now, events):
             task = self._held(task_id, values)
             holder = task.worker_id
+            self._seen(holder, now)
             # A negative place goes before every task that entered the queue normally.
             self._requeue(task, now, place=-self._next_sequence())
             events.append(_event("released", task, worker_id=holder))
@@ -1654,13 +1709,8 @@ class TaskStore:
         values = TASK_CANCEL.clean(fields or {})
         with self._transaction() as (now, events):
             task = self._find(task_id)
-            self._require(task, (WAITING, WORKING), "cancel")
-            if task.status == WAITING:
-                self._unqueue(task)
-            if "reason" in values:
-                task.error_message = values["reason"]
-            self._finish(task, CANCELLED, now)
-            events.append(_event("cancelled", task))
+            self._require(task, CANCELLABLE, "cancel")
+            self._cancel(task, values.get("reason"), now, events)
             return task.snapshot()
 
     def retry(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
@@ -1672,12 +1722,8 @@ class TaskStore:
         TASK_RETRY.clean(fields or {})
         with self._transaction() as (now, events):
             task = self._find(task_id)
-            self._require(task, (FAILED, CANCELLED), "retry")
-            if task.status == FAILED:
-                task.retry_count += 1
-                self._retries_total += 1
-            self._requeue(task, now)
-            events.append(_event("re-queued", task))
+            self._require(task, RETRYABLE, "retry")
+            self._retry(task, now, events)
             return task.snapshot()
 
     def stop_waiting(self) -> None:
@@ -1701,9 +1747,11 @@ class TaskStore:
             seq = task.queue_entry[1]  # its place in time survives the move
             if moves:
                 self._unqueue(task)
+                self._unindex(task)  # its directory's counts may change
             for name, value in values.items():
                 setattr(task, name, value)
             if moves:
+                self._index(task)
                 self._enqueue(task, seq)
             task.updated_at = now
             self._touch(task)
@@ -1720,18 +1768,13 @@ class TaskStore:
     def list(self, filters: Mapping[str, object] | None = None) -> dict:
         """A page of tasks, newest first: {"tasks", "total", "limit", "offset", "has_more"}.
 
-        Unfiltered, or filtered by status only, the page costs O(limit + offset).
+        Unfiltered, or filtered by status only, the page costs O(limit + offset);
+        other filters (and the text search `q` above all) scan the tasks.
         """
         query = LIST_QUERY.clean(filters or {})
         limit, offset = query.pop("limit"), query.pop("offset")
-        status = query.pop("status", None)
         with self._transaction():
-            if status is None:
-                newest = (task for task in reversed(self._tasks.values()))
-                total = len(self._tasks)
-            else:
-                newest = (self._tasks[task_id] for _, task_id in reversed(self._by_status[status]))
-                total = len(self._by_status[status])
+            newest, total = self._newest(query.pop("status", None))
             if query:
                 matching = [task for task in newest if _matches(task, query)]
                 total = len(matching)
@@ -1767,6 +1810,49 @@ class TaskStore:
             ),
             "uptime_seconds": round(now - self._started_at, 3),
         }
+
+    def directories(self) -> list[dict]:
+        """Each work directory that has tasks, by name: counts by status, the age of its
+        oldest waiting task, the workers holding its tasks. O(directories), never a scan."""
+        with self._transaction() as (now, _):
+            return [{
+                "work_directory": name,
+                "counts": dict(directory.counts),
+                "oldest_waiting_age_seconds": self._age_of_oldest(directory.waiting, now),
+                "workers": sorted(directory.holders),
+            } for name, directory in sorted(self._directories.items())]
+
+    def workers(self) -> list[dict]:
+        """The workers seen in the last hour, most recent first: when, what they hold, and
+        how many tasks they completed and failed."""
+        with self._transaction() as (now, _):
+            self._forget_workers(now)
+            return [{
+                "worker_id": worker_id,
+                "last_seen": _rfc3339(record.last_seen),
+                "holding": sorted(self._holding.get(worker_id, ())),
+                "completed": record.completed,
+                "failed": record.failed,
+            } for worker_id, record in reversed(self._workers.items())]
+
+    def bulk(self, fields: Mapping[str, object]) -> dict:
+        """Retry, cancel or delete up to BULK_LIMIT tasks that match a (non-empty) filter.
+
+        Tasks whose state forbids the action are skipped; `more` says whether
+        matches beyond the limit were left for another call.
+        """
+        values = TASK_BULK.clean(fields)
+        action, query = values["action"], values["filter"]
+        with self._transaction() as (now, events):
+            newest, _ = self._newest(query.pop("status", None))
+            matching = list(itertools.islice(
+                (task for task in newest if _matches(task, query)), BULK_LIMIT + 1))
+            changed = 0
+            for task in matching[:BULK_LIMIT]:
+                changed += self._apply(action, task, now, events)
+        return {"action": action, "changed": changed,
+                "skipped": min(len(matching), BULK_LIMIT) - changed,
+                "more": len(matching) > BULK_LIMIT}
 
     # -- one step under the lock ---------------------------------------------
 
@@ -1861,6 +1947,37 @@ class TaskStore:
         finally:
             self._waiters -= 1
 
+    # -- reading and changing many (lock held) ----------------------------------
+
+    def _newest(self, status: str | None) -> tuple[Iterator[Task], int]:
+        """The tasks with one of the comma-separated statuses (any, for None), newest first,
+        and how many."""
+        if status is None:
+            return reversed(self._tasks.values()), len(self._tasks)
+        statuses = status.split(",")
+        lanes = [reversed(self._by_status[status]) for status in statuses]
+        keys = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, reverse=True)
+        total = sum(len(self._by_status[status]) for status in statuses)
+        return (self._tasks[task_id] for _, task_id in keys), total
+
+    def _age_of_oldest(self, waiting: _SortedKeys, now: float) -> float | None:
+        """Seconds since the oldest of these waiting tasks was created; None when none waits."""
+        oldest = waiting.first()
+        return None if oldest is None else round(now - self._tasks[oldest[1]].created_at, 3)
+
+    def _apply(self, action: str, task: Task, now: float, events: list[dict]) -> bool:
+        """One task's part of a bulk action; False when its state forbids it."""
+        if action == "delete":
+            self._remove(task)
+            events.append(_event("deleted", task))
+        elif action == "cancel" and task.status in CANCELLABLE:
+            self._cancel(task, None, now, events)
+        elif action == "retry" and task.status in RETRYABLE:
+            self._retry(task, now, events)
+        else:
+            return False
+        return True
+
     # -- transitions (lock held) ---------------------------------------------
 
     def _fail(self, task: Task, message: str, retry: bool, now: float, events: list[dict]) -> None:
@@ -1874,6 +1991,23 @@ class TaskStore:
         else:
             self._finish(task, FAILED, now)
             events.append(_event("failed", task, error=_shorten(message)))
+
+    def _cancel(self, task: Task, reason: str | None, now: float, events: list[dict]) -> None:
+        """A waiting or working task stopped for good; the reason, if any, as its error."""
+        if task.status == WAITING:
+            self._unqueue(task)
+        if reason is not None:
+            task.error_message = reason
+        self._finish(task, CANCELLED, now)
+        events.append(_event("cancelled", task))
+
+    def _retry(self, task: Task, now: float, events: list[dict]) -> None:
+        """A failed or cancelled task queued again; only a failure counts as a retry."""
+        if task.status == FAILED:
+            task.retry_count += 1
+            self._retries_total += 1
+        self._requeue(task, now)
+        events.append(_event("re-queued", task))
 
     def _requeue(self, task: Task, now: float, place: int | None = None) -> None:
         """Back to waiting, with no holder: at the back of its priority, or at `place`."""
@@ -1916,6 +2050,25 @@ class TaskStore:
         if self._journal is not None:
             self._changed[task.id] = None
 
+    def _seen(self, worker_id: str, now: float, outcome: str | None = None) -> None:
+        """Note a worker's claim or report (and a report's outcome); forget the stale ones."""
+        record = self._workers.pop(worker_id, None) or _WorkerRecord(now)
+        record.last_seen = now
+        if outcome == COMPLETED:
+            record.completed += 1
+        elif outcome == FAILED:
+            record.failed += 1
+        self._workers[worker_id] = record  # now the most recently seen
+        self._forget_workers(now)
+
+    def _forget_workers(self, now: float) -> None:
+        """Drop workers unseen for an hour, and the least recent beyond max_workers."""
+        while self._workers:
+            oldest = next(iter(self._workers.values()))
+            if oldest.last_seen > now - WORKER_MEMORY and len(self._workers) <= self.max_workers:
+                break
+            self._workers.popitem(last=False)
+
     def _touch(self, task: Task) -> None:
         """Note a changed task, to be written to the data file with this operation."""
         if self._journal is not None:
@@ -1929,24 +2082,43 @@ class TaskStore:
     # -- indexes (lock held) -------------------------------------------------
 
     def _index(self, task: Task) -> None:
-        """Count the task under its status (and its directory, while working)."""
-        self._by_status[task.status].add((task.number, task.id))
-        if task.status == COMPLETED:
-            self._completed_seconds += task.completed_at - task.started_at
+        """Count the task under its status, its directory and (while working) its holder."""
+        key = (task.number, task.id)
+        self._by_status[task.status].add(key)
+        directory = self._directories.get(task.work_directory)
+        if directory is None:
+            directory = self._directories[task.work_directory] = _Directory()
+        directory.counts[task.status] += 1
+        directory.total += 1
+        if task.status == WAITING:
+            directory.waiting.add(key)
         elif task.status == WORKING:
-            self._working_in[task.work_directory] = self._working_in.get(task.work_directory, 0) + 1
+            directory.holders[task.worker_id] = directory.holders.get(task.worker_id, 0) + 1
+            self._holding.setdefault(task.worker_id, set()).add(task.id)
+        elif task.status == COMPLETED:
+            self._completed_seconds += task.completed_at - task.started_at
 
     def _unindex(self, task: Task) -> None:
-        """Stop counting the task under its status (and its directory, while working)."""
-        self._by_status[task.status].remove((task.number, task.id))
-        if task.status == COMPLETED:
-            self._completed_seconds -= task.completed_at - task.started_at
+        """Stop counting the task where _index counted it; forget an emptied directory."""
+        key = (task.number, task.id)
+        self._by_status[task.status].remove(key)
+        directory = self._directories[task.work_directory]
+        directory.counts[task.status] -= 1
+        directory.total -= 1
+        if task.status == WAITING:
+            directory.waiting.remove(key)
         elif task.status == WORKING:
-            self._working_in[task.work_directory] -= 1
-            if not self._working_in[task.work_directory]:
-                del self._working_in[task.work_directory]
+            _count_down(directory.holders, task.worker_id)
+            held = self._holding[task.worker_id]
+            held.discard(task.id)
+            if not held:
+                del self._holding[task.worker_id]
             if self.directory_concurrency:
                 self._queue_changed.notify_all()  # a claim may have waited for this slot
+        elif task.status == COMPLETED:
+            self._completed_seconds -= task.completed_at - task.started_at
+        if not directory.total:
+            del self._directories[task.work_directory]
 
     def _enqueue(self, task: Task, seq: int) -> None:
         """Put a waiting task in its directory's queue at position `seq` of its priority."""
@@ -1964,8 +2136,8 @@ class TaskStore:
     def _pop_queue(self, directory: str) -> Task | None:
         """The next live task of a directory's queue, taken out of it; None when none waits,
         or when the directory already has as many working tasks as it may."""
-        if self.directory_concurrency and (
-            self._working_in.get(directory, 0) >= self.directory_concurrency
+        if self.directory_concurrency and directory in self._directories and (
+            self._directories[directory].counts[WORKING] >= self.directory_concurrency
         ):
             return None
         heap = self._queues.get(directory)
@@ -2066,14 +2238,29 @@ class TaskStore:
             )
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """Take one from a count, dropping it at zero so that the dict holds live keys only."""
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
+
+
 def _matches(task: Task, query: Mapping[str, object]) -> bool:
-    """Whether a task passes the list filters other than status."""
+    """Whether a task passes the filters other than status."""
     return (
         query.get("priority", task.priority) == task.priority
         and query.get("worker_id", task.worker_id) == task.worker_id
         and query.get("work_directory", task.work_directory) == task.work_directory
         and ("tag" not in query or query["tag"] in task.tags)
+        and ("q" not in query or _mentions(task, query["q"]))
     )
+
+
+def _mentions(task: Task, text: str) -> bool:
+    """Whether casefolded text is in the task's prompt, error or result output, in any case."""
+    output = task.result.get("output") if task.result else None
+    return any(text in written.casefold()
+               for written in (task.prompt, task.error_message, output) if written)
 
 
 def _event(action: str, task: Task, **fields: object) -> dict:
@@ -2557,6 +2744,21 @@ def _list_tasks(store: TaskStore, fields: dict) -> dict:
     return {**page, "tasks": [task.to_dict() for task in page["tasks"]]}
 
 
+def _bulk(store: TaskStore, fields: dict) -> dict:
+    """Retry, cancel or delete up to 1,000 tasks that match a filter."""
+    return store.bulk(fields)
+
+
+def _directories(store: TaskStore, fields: dict) -> dict:
+    """Each work directory: counts by status, oldest waiting age, the workers holding tasks."""
+    return {"directories": store.directories()}
+
+
+def _workers(store: TaskStore, fields: dict) -> dict:
+    """The workers seen in the last hour: when, what they hold, how their tasks went."""
+    return {"workers": store.workers()}
+
+
 def _statistics(store: TaskStore, fields: dict) -> dict:
     """Counts by status, success rate, retries and durations."""
     return store.statistics()
@@ -2634,6 +2836,11 @@ _ROUTES = (
            conflicts=True),
     _Route("POST", "/api/v1/tasks/{task_id}/retry", _retry_task, _TASK_REF, body=TASK_RETRY,
            conflicts=True),
+    _Route("POST", "/api/v1/tasks/bulk", _bulk, {"$ref": "#/components/schemas/BulkResult"},
+           body=TASK_BULK),
+    _Route("GET", "/api/v1/directories", _directories,
+           {"$ref": "#/components/schemas/Directories"}),
+    _Route("GET", "/api/v1/workers", _workers, {"$ref": "#/components/schemas/Workers"}),
     _Route("GET", "/api/v1/statistics", _statistics, {"$ref": "#/components/schemas/Statistics"}),
     _Route("GET", "/health", _health, {"$ref": "#/components/schemas/Health"}),
 )
@@ -2718,6 +2925,56 @@ _HEALTH_SCHEMA = {
         },
     },
     "required": ["status", "version", "uptime_seconds", "tasks"],
+    "additionalProperties": False,
+}
+_COUNTS_BY_STATUS = {
+    "type": "object",
+    "properties": {status: _COUNT for status in STATUSES},
+    "required": list(STATUSES),
+    "additionalProperties": False,
+}
+_DIRECTORIES_SCHEMA = {
+    "type": "object",
+    "properties": {"directories": {"type": "array", "items": {
+        "type": "object",
+        "properties": {
+            "work_directory": {"type": "string"},
+            "counts": _COUNTS_BY_STATUS,
+            "oldest_waiting_age_seconds": {"type": ["number", "null"], "minimum": 0},
+            "workers": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["work_directory", "counts", "oldest_waiting_age_seconds", "workers"],
+        "additionalProperties": False,
+    }}},
+    "required": ["directories"],
+    "additionalProperties": False,
+}
+_WORKERS_SCHEMA = {
+    "type": "object",
+    "properties": {"workers": {"type": "array", "items": {
+        "type": "object",
+        "properties": {
+            "worker_id": {"type": "string"},
+            "last_seen": _TIMESTAMP,
+            "holding": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+            "completed": _COUNT,
+            "failed": _COUNT,
+        },
+        "required": ["worker_id", "last_seen", "holding", "completed", "failed"],
+        "additionalProperties": False,
+    }}},
+    "required": ["workers"],
+    "additionalProperties": False,
+}
+_BULK_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "action": TASK_BULK.field("action").json_schema(),
+        "changed": _COUNT,
+        "skipped": _COUNT,
+        "more": {"type": "boolean", "description": "More tasks match: call again."},
+    },
+    "required": ["action", "changed", "skipped", "more"],
     "additionalProperties": False,
 }
 _DELETED_SCHEMA = {
@@ -2937,6 +3194,11 @@ _TOOLS = {tool.name: tool for tool in (
           "A page of tasks, newest first, filtered by status, priority, worker_id, "
           "work_directory or tag.",
           Schema("list_tasks", LIST_QUERY.fields), _PAGE_SCHEMA, _through_rest(_list_tasks),
+          _READ_ONLY),
+    _Tool("list_directories", "List work directories",
+          "Each work directory that has tasks: counts by status, the age in seconds of its "
+          "oldest waiting task, and the workers holding its tasks.",
+          Schema("list_directories", ()), _DIRECTORIES_SCHEMA, _through_rest(_directories),
           _READ_ONLY),
     _Tool("get_statistics", "Queue statistics",
           "Counts by status, success rate, retries, expired leases and mean duration.",
@@ -3159,7 +3421,8 @@ def _openapi_document() -> dict:
         "components": {
             "schemas": {
                 "Task": _TASK_SCHEMA, "ClaimedTask": _CLAIMED_SCHEMA, "TaskPage": _PAGE_SCHEMA,
-                "Statistics": _STATISTICS_SCHEMA,
+                "Statistics": _STATISTICS_SCHEMA, "Directories": _DIRECTORIES_SCHEMA,
+                "Workers": _WORKERS_SCHEMA, "BulkResult": _BULK_SCHEMA,
                 "Health": _HEALTH_SCHEMA, "Deleted": _DELETED_SCHEMA,
                 "ErrorEnvelope": _error_envelope_schema(),
                 **{route.body.name: route.body.json_schema() for route in _ROUTES if route.body},

@@ -1082,7 +1082,7 @@ def test_list_filters_combine(client, make_task, claim):
     ({"limit": "9" * 40}, "limit: must be at most 1000"),
     ({"offset": "9" * 40}, "offset: must be at most 9007199254740991"),
     ({"offset": "9" * 5000}, "offset: must be an integer"),
-    ({"status": "done"}, "status: must be one of waiting, working"),
+    ({"status": "done"}, "status: must be one or more of waiting, working"),
     ({"priority": ""}, "priority: must be one of high, medium, low"),
     ({"state": "waiting"}, "unknown fields: state"),
 ])
@@ -1168,6 +1168,200 @@ def test_cancelled_queue_entries_do_not_pile_up(store):
     assert sum(len(heap) for heap in store._queues.values()) < 2000
     assert store.claim("/r", "w").id == tasks[-1].id
     assert store.claim("/r", "w") is None
+
+
+def test_list_takes_several_statuses_newest_first(client, make_task, claim):
+    first, second, third = (make_task(prompt=str(n)) for n in range(3))
+    claim()  # the first is working
+    client.post(task_url(third, "cancel"))
+    page = client.get("/api/v1/tasks", {"status": "working,cancelled", "limit": 1}).json["data"]
+    assert [t["id"] for t in page["tasks"]] == [third["id"]]
+    assert (page["total"], page["has_more"]) == (2, True)
+    both = client.get("/api/v1/tasks", {"status": "cancelled,working"}).json["data"]["tasks"]
+    assert [t["id"] for t in both] == [third["id"], first["id"]]
+    res = client.get("/api/v1/tasks", {"status": "waiting,done"}, status=400)
+    assert res.json["error"]["details"]["field"] == "status"
+
+
+def test_list_searches_prompt_error_and_output_in_any_case(client, make_task, claim):
+    by_error = make_task(prompt="one")
+    by_output = make_task(prompt="two")
+    by_prompt = make_task(prompt="Fix the Parser")
+    make_task(prompt="unrelated")
+    claim()
+    claim()
+    client.post_json(task_url(by_error, "fail"), {"error": "parser crashed", "retry": False})
+    client.post_json(task_url(by_output, "complete"), {"result": {"output": "the PARSER works"}})
+    found = client.get("/api/v1/tasks", {"q": "parser"}).json["data"]
+    assert {t["id"] for t in found["tasks"]} == {by_prompt["id"], by_error["id"], by_output["id"]}
+    narrowed = client.get("/api/v1/tasks", {"q": "parser", "status": "failed"}).json["data"]
+    assert [t["id"] for t in narrowed["tasks"]] == [by_error["id"]]
+
+
+def directories(client):
+    return {d["work_directory"]: d for d in
+            client.get("/api/v1/directories").json["data"]["directories"]}
+
+
+def test_directories_count_each_directory_with_its_oldest_waiting_age_and_holders(
+        client, make_task, claim, clock):
+    make_task(work_directory="/a")
+    clock.advance(10)
+    make_task(work_directory="/a")
+    make_task(work_directory="/b")
+    clock.advance(5)
+    claim(work_path="/a", worker_id="w1")
+    seen = directories(client)
+    assert seen["/a"]["counts"] == {"waiting": 1, "working": 1, "completed": 0, "failed": 0,
+                                    "cancelled": 0}
+    assert seen["/a"]["oldest_waiting_age_seconds"] == 5  # the second task, created 5 s ago
+    assert seen["/a"]["workers"] == ["w1"]
+    assert seen["/b"]["oldest_waiting_age_seconds"] == 5 and seen["/b"]["workers"] == []
+    assert list(seen) == ["/a", "/b"]
+
+
+def test_directories_follow_moves_and_forget_a_directory_with_no_tasks(client, make_task):
+    task = make_task(work_directory="/a")
+    client.patch_json(task_url(task), {"work_directory": "/b"})
+    assert list(directories(client)) == ["/b"]
+    client.delete(task_url(task))
+    assert directories(client) == {}
+
+
+def test_directories_always_agree_with_a_scan_of_the_tasks(clock):
+    rng = random.Random(7)
+    store = TaskStore(max_retries=1, task_timeout=60, clock=clock)
+    for _ in range(600):
+        step = rng.random()
+        directory = rng.choice(["/a", "/b", "/c"])
+        if step < 0.35:
+            store.create({"work_directory": directory, "prompt": "p"})
+        elif step < 0.6:
+            store.claim(directory, rng.choice(["w1", "w2"]))
+        elif step < 0.7:
+            clock.advance(rng.choice([5, 61]))
+        else:
+            tasks = store.list({"limit": 1000})["tasks"]
+            if tasks:
+                task = rng.choice(tasks)
+                action = rng.choice([
+                    lambda: store.complete(task.id), lambda: store.cancel(task.id),
+                    lambda: store.retry(task.id), lambda: store.delete(task.id),
+                    lambda: store.update(task.id, {"work_directory": directory})])
+                with contextlib.suppress(Conflict):
+                    action()
+        tasks = store.list({"limit": 1000})["tasks"]
+        expected = {}
+        for task in tasks:
+            entry = expected.setdefault(task.work_directory, {
+                "counts": dict.fromkeys(orchestrator.STATUSES, 0), "workers": set(),
+                "oldest": None})
+            entry["counts"][task.status] += 1
+            if task.status == "working":
+                entry["workers"].add(task.worker_id)
+            if task.status == "waiting":
+                entry["oldest"] = min(entry["oldest"] or task.created_at, task.created_at)
+        listed = {d["work_directory"]: d for d in store.directories()}
+        assert listed.keys() == expected.keys()
+        for name, entry in expected.items():
+            assert listed[name]["counts"] == entry["counts"]
+            assert listed[name]["workers"] == sorted(entry["workers"])
+            age = None if entry["oldest"] is None else round(clock() - entry["oldest"], 3)
+            assert listed[name]["oldest_waiting_age_seconds"] == age
+
+
+def workers(client):
+    return {w["worker_id"]: w for w in client.get("/api/v1/workers").json["data"]["workers"]}
+
+
+def test_workers_show_when_each_was_seen_what_it_holds_and_how_it_did(client, make_task, claim,
+                                                                     clock):
+    done, failed, held = make_task(), make_task(), make_task()
+    claim(worker_id="w1")
+    client.post_json(task_url(done, "complete"), {"worker_id": "w1"})
+    claim(worker_id="w1")
+    client.post_json(task_url(failed, "fail"), {"worker_id": "w1", "error": "x", "retry": False})
+    clock.advance(30)
+    token = claim(worker_id="w2")["lease_token"]
+    client.post_json(task_url(held, "heartbeat"), {"lease_token": token})  # names w2 by token
+    claim(worker_id="idle")  # nothing left, but it was seen asking
+    seen = workers(client)
+    assert list(seen) == ["idle", "w2", "w1"]  # most recently seen first
+    assert seen["w1"] == {"worker_id": "w1", "last_seen": seen["w1"]["last_seen"],
+                          "holding": [], "completed": 1, "failed": 1}
+    assert seen["w2"]["holding"] == [held["id"]]
+    assert seen["w1"]["last_seen"] < seen["w2"]["last_seen"]
+
+
+def test_workers_are_forgotten_an_hour_after_they_were_last_seen(client, make_task, claim, clock):
+    claim(worker_id="old")
+    clock.advance(3000)
+    claim(worker_id="recent")
+    clock.advance(601)
+    assert list(workers(client)) == ["recent"]
+
+
+def test_at_most_max_workers_are_remembered(clock):
+    store = TaskStore(clock=clock, max_workers=3)
+    for n in range(5):
+        store.claim("/r", f"w{n}")
+    assert [w["worker_id"] for w in store.workers()] == ["w4", "w3", "w2"]
+
+
+def test_bulk_retries_every_failed_task_of_a_directory(client, make_task, claim, store):
+    failed = [make_task(max_retries=0) for _ in range(3)]
+    other = make_task(work_directory="/other", max_retries=0)
+    for task in failed:
+        claim()
+        client.post_json(task_url(task, "fail"), {"error": "x"})
+    claim(work_path="/other")
+    client.post_json(task_url(other, "fail"), {"error": "x"})
+    answer = client.post_json("/api/v1/tasks/bulk", {
+        "action": "retry", "filter": {"work_directory": "/repo", "status": "failed"}}).json["data"]
+    assert answer == {"action": "retry", "changed": 3, "skipped": 0, "more": False}
+    assert [store.get(t["id"]).status for t in failed] == ["waiting"] * 3
+    assert store.get(other["id"]).status == "failed"
+
+
+def test_bulk_skips_tasks_whose_state_forbids_the_action(client, make_task, claim, store):
+    done = make_task()
+    claim()
+    client.post_json(task_url(done, "complete"), {})
+    waiting = make_task()
+    answer = client.post_json("/api/v1/tasks/bulk", {
+        "action": "cancel", "filter": {"work_directory": "/repo"}}).json["data"]
+    assert (answer["changed"], answer["skipped"]) == (1, 1)
+    assert store.get(waiting["id"]).status == "cancelled"
+    deleted = client.post_json("/api/v1/tasks/bulk", {
+        "action": "delete", "filter": {"status": "completed,cancelled"}}).json["data"]
+    assert deleted["changed"] == 2 and len(store) == 0
+
+
+def test_bulk_changes_at_most_a_thousand_tasks_a_call(clock):
+    store = TaskStore(clock=clock)
+    client = webtest.TestApp(create_app(Config(rate_limit=0), store))
+    for _ in range(1001):
+        store.create({"work_directory": "/r", "prompt": "p"})
+    body = {"action": "cancel", "filter": {"status": "waiting"}}
+    first = client.post_json("/api/v1/tasks/bulk", body).json["data"]
+    assert (first["changed"], first["more"]) == (1000, True)
+    second = client.post_json("/api/v1/tasks/bulk", body).json["data"]
+    assert (second["changed"], second["more"]) == (1, False)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"action": "retry", "filter": {}}, "filter"),
+    ({"action": "retry"}, "filter"),
+    ({"action": "explode", "filter": {"status": "failed"}}, "action"),
+    ({"action": "delete", "filter": {"limit": 5}}, None),
+])
+def test_bulk_refuses_an_empty_filter_or_a_bad_action_and_changes_nothing(client, make_task,
+                                                                          store, body, field):
+    task = make_task()
+    res = client.post_json("/api/v1/tasks/bulk", body, status=400)
+    if field is not None:
+        assert res.json["error"]["details"]["field"] == field
+    assert store.get(task["id"]).status == "waiting"
 
 
 # ---------------------------------------------------------------------------
@@ -2645,7 +2839,7 @@ HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
 MISSING_ID = str(uuid.uuid4())
 TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
               "release_task", "cancel_task", "retry_task", "get_task", "update_task", "delete_task",
-              "list_tasks", "get_statistics"]
+              "list_tasks", "list_directories", "get_statistics"]
 
 
 @pytest.mark.parametrize("version", HANDSHAKE_VERSIONS)
@@ -2880,6 +3074,13 @@ def test_tools_and_instructions_tell_the_agent_to_pass_back_its_lease_token(rpc)
     assert "lease_token" in init.json["result"]["instructions"]
 
 
+def test_list_directories_tool_shows_what_rest_shows(client, call_tool, make_task):
+    make_task(work_directory="/a")
+    listed = call_tool("list_directories")["structuredContent"]
+    assert listed == client.get("/api/v1/directories").json["data"]
+    assert listed["directories"][0]["counts"]["waiting"] == 1
+
+
 def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
     schemas = {tool["name"]: tool["outputSchema"]
                for tool in rpc("tools/list").json["result"]["tools"]}
@@ -2983,7 +3184,7 @@ def test_tool_schemas_come_from_the_request_declarations(rpc):
 def test_tool_annotations_mark_reads_and_deletes(rpc):
     tools = {tool["name"]: tool["annotations"] for tool in rpc("tools/list").json["result"]["tools"]}
     assert {name for name, hints in tools.items() if hints.get("readOnlyHint")} == {
-        "get_task", "list_tasks", "get_statistics"}
+        "get_task", "list_tasks", "list_directories", "get_statistics"}
     assert tools["delete_task"]["destructiveHint"] is True
     assert tools["create_task"]["destructiveHint"] is False
 
@@ -3192,7 +3393,9 @@ def test_parameters_and_bodies_say_what_validation_enforces(document):
     assert listing["limit"]["schema"]["minimum"] == 1
     assert listing["limit"]["schema"]["maximum"] == 1000
     assert listing["offset"]["schema"]["minimum"] == 0
-    assert listing["status"]["schema"]["enum"] == list(orchestrator.STATUSES)
+    assert re.fullmatch(listing["status"]["schema"]["pattern"], "waiting,failed")
+    assert not re.search(listing["status"]["schema"]["pattern"], "waiting,done")
+    assert "scan" in listing["q"]["schema"]["description"]
     assert re.fullmatch(listing["priority"]["schema"]["pattern"], "HiGh")
     claim_parameters = document["paths"]["/api/v1/tasks/next"]["get"]["parameters"]
     assert {p["name"]: p["required"] for p in claim_parameters} == {
