@@ -3369,6 +3369,14 @@ def _render_document(document: bytes) -> bytes:
     return document
 
 
+def _render_page(page: bytes) -> bytes:
+    """The page at /, with the headers that keep it to its own script and this server."""
+    response.content_type = "text/html; charset=utf-8"
+    for name, value in _PAGE_HEADERS.items():
+        response.set_header(name, value)
+    return page
+
+
 def _render_rpc(message: dict | None) -> bytes:
     """A JSON-RPC response as the body; nothing for a notification."""
     if message is None:
@@ -3399,6 +3407,15 @@ def _openapi_document() -> dict:
     for route in _ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     paths["/mcp"] = {"post": _mcp_operation()}
+    paths["/"] = {"get": {
+        "operationId": "page",
+        "summary": "The page: the queue in a browser, live. It holds no data; it calls this API.",
+        "responses": {
+            "200": {"description": "One HTML document with its script and style inline.",
+                    "content": {"text/html": {"schema": {"type": "string"}}}},
+            **_error_responses([403, 405, 500]),
+        },
+    }}
     paths["/openapi.json"] = {"get": {
         "operationId": "openapi",
         "summary": "This document.",
@@ -3621,6 +3638,8 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
               functools.partial(_serve, gate, lambda: document, _render_document))
     mcp = functools.partial(_answer_mcp, store, gate)
     app.route("/mcp", "POST", functools.partial(_serve, gate, mcp, _render_rpc, _render_rpc_refusal))
+    page = _PAGE.encode()
+    app.route("/", "GET", functools.partial(_serve, gate, lambda: page, _render_page))
     app.default_error_handler = functools.partial(_serve_routing_error, gate)
     app.install(_WakeWaitersOnClose(store))
     return app
@@ -4409,6 +4428,690 @@ def _why_lease_ended(status: int, envelope: dict) -> str:
 def _parse_rfc3339(text: str) -> float:
     """Epoch seconds from the API's timestamps."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+
+# ---------------------------------------------------------------------------
+# The page at /: one HTML document, its style and script inline, so that it
+# works offline and wherever this file is copied. It is only a client of the
+# REST API above. Task text is written by agents, so the script puts it in the
+# page as text only, and the policy below lets no other script run.
+# ---------------------------------------------------------------------------
+
+def _inline_hash(html: str, tag: str) -> str:
+    """The CSP source that allows exactly the page's one inline <script> or <style>."""
+    body = re.search(f"<{tag}>(.*?)</{tag}>", html, re.DOTALL).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
+_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>Task orchestrator</title>
+<style>
+:root {
+  color-scheme: light dark;
+  --bg: #f7f7f5; --panel: #ffffff; --text: #1d1d1b; --muted: #66665f; --line: #deded8;
+  --accent: #2557b8; --danger: #b3261e; --focus: #f0a020;
+  --waiting: #8a6d00; --working: #2557b8; --completed: #1e7b34; --failed: #b3261e;
+  --cancelled: #66665f;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #151513; --panel: #1f1f1c; --text: #ecece6; --muted: #a5a59c; --line: #3a3a35;
+    --accent: #8fb2ff; --danger: #ff8a80; --focus: #f0b040;
+    --waiting: #e6c04a; --working: #8fb2ff; --completed: #7bd08f; --failed: #ff8a80;
+    --cancelled: #a5a59c;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--text);
+       font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header, main { max-width: 1400px; margin: 0 auto; padding: 0 16px; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 8px 16px; padding-top: 12px; }
+h1 { font-size: 1.25rem; margin: 0; }
+h2 { font-size: 1.05rem; margin: 0 0 8px; }
+h3 { font-size: 0.95rem; margin: 12px 0 0; }
+section { background: var(--panel); border: 1px solid var(--line); border-radius: 8px;
+          padding: 12px; margin: 12px 0; }
+.muted { color: var(--muted); }
+.spacer { flex: 1; }
+button, input, select, textarea { font: inherit; color: inherit; }
+button { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+         padding: 4px 10px; cursor: pointer; }
+button:hover { border-color: var(--accent); }
+button.danger { color: var(--danger); }
+button.link { border: 0; background: none; padding: 0; color: var(--accent); cursor: pointer;
+              text-align: left; word-break: break-all; }
+input, select, textarea { background: var(--bg); border: 1px solid var(--line);
+                          border-radius: 6px; padding: 4px 8px; }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 1px; }
+#glance { display: grid; grid-template-columns: repeat(auto-fit, minmax(120px, 1fr)); gap: 8px; }
+.stat { display: block; width: 100%; text-align: left; padding: 8px 10px;
+        border: 1px solid var(--line); border-radius: 6px; }
+.stat b { display: block; font-size: 1.5rem; font-variant-numeric: tabular-nums; }
+.table { overflow-x: auto; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: 0.85rem; }
+td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr.task { cursor: pointer; }
+tbody tr.task:hover, tbody tr.selected { background: color-mix(in srgb, var(--accent) 10%, transparent); }
+.prompt { max-width: 40ch; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.badge { display: inline-block; padding: 0 8px; border-radius: 999px; font-size: 0.8rem;
+         border: 1px solid currentColor; white-space: nowrap; }
+.waiting { color: var(--waiting); } .working { color: var(--working); }
+.completed { color: var(--completed); } .failed { color: var(--failed); }
+.cancelled { color: var(--cancelled); }
+.filters { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: end; margin-bottom: 8px; }
+.filters label, form label { display: flex; flex-direction: column; font-size: 0.85rem;
+                             color: var(--muted); gap: 2px; }
+fieldset { border: 0; padding: 0; margin: 0; display: flex; flex-wrap: wrap; gap: 4px 10px; }
+.filters fieldset label { flex-direction: row; align-items: center; gap: 4px;
+                          color: var(--text); font-size: inherit; }
+legend { font-size: 0.85rem; color: var(--muted); padding: 0; margin-bottom: 2px; }
+.pager { display: flex; gap: 8px; align-items: center; margin-top: 8px; }
+.actions { display: flex; flex-wrap: wrap; gap: 6px; }
+#add { display: grid; grid-template-columns: 2fr 1fr 1fr; gap: 8px; }
+#add .wide { grid-column: 1 / -1; }
+#add textarea { min-height: 5em; resize: vertical; }
+dialog { background: var(--panel); color: var(--text); border: 1px solid var(--line);
+         border-radius: 8px; padding: 16px; width: min(900px, 96vw); max-height: 92vh; }
+dialog::backdrop { background: rgb(0 0 0 / 0.4); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 8px 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
+      border: 1px solid var(--line); border-radius: 6px; padding: 8px; margin: 4px 0 12px;
+      max-height: 40vh; overflow: auto; }
+.expired { color: var(--danger); font-weight: 600; }
+#message { min-height: 1.4em; margin: 4px 0; }
+#message.error { color: var(--danger); }
+@media (max-width: 720px) {
+  /* Narrow screens: each table row becomes a card, each cell a labelled line. */
+  table thead { display: none; }
+  table, tbody, tr, td { display: block; width: 100%; }
+  tbody tr { border-bottom: 1px solid var(--line); padding: 6px 0; }
+  td, td.number { border: 0; padding: 2px 0; text-align: left; display: flex; gap: 8px; }
+  td[data-label]::before { content: attr(data-label); color: var(--muted); min-width: 7.5em;
+                           flex: none; font-size: 0.85rem; }
+  .prompt { max-width: none; white-space: normal; }
+  #add { grid-template-columns: 1fr; }
+  dl { grid-template-columns: 1fr; }
+  dt { margin-top: 6px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>Task orchestrator</h1>
+  <span class="muted" id="updated">loading…</span>
+  <span class="spacer"></span>
+  <button type="button" id="pause" aria-pressed="false">Pause refresh</button>
+</header>
+<main>
+  <p id="message" role="status" aria-live="polite"></p>
+
+  <section aria-labelledby="glance-title">
+    <h2 id="glance-title">At a glance</h2>
+    <div id="glance">
+      <button type="button" class="stat" data-status="waiting" title="Show waiting tasks">
+        <b class="waiting">–</b>waiting</button>
+      <button type="button" class="stat" data-status="working" title="Show working tasks">
+        <b class="working">–</b>working</button>
+      <button type="button" class="stat" data-status="completed" title="Show completed tasks">
+        <b class="completed">–</b>completed</button>
+      <button type="button" class="stat" data-status="failed" title="Show failed tasks">
+        <b class="failed">–</b>failed</button>
+      <button type="button" class="stat" data-status="cancelled" title="Show cancelled tasks">
+        <b class="cancelled">–</b>cancelled</button>
+      <div class="stat"><b id="oldest-waiting">–</b>oldest waiting</div>
+      <div class="stat"><b id="busy-workers">–</b>workers busy</div>
+    </div>
+  </section>
+
+  <section aria-labelledby="directories-title">
+    <h2 id="directories-title">Directories</h2>
+    <div class="table">
+      <table>
+        <thead><tr>
+          <th scope="col">Directory</th><th scope="col" class="number">Waiting</th>
+          <th scope="col" class="number">Working</th><th scope="col" class="number">Failed</th>
+          <th scope="col">Oldest waiting</th>
+          <th scope="col">Workers</th><th scope="col">Actions</th>
+        </tr></thead>
+        <tbody id="directories"></tbody>
+      </table>
+    </div>
+  </section>
+
+  <section aria-labelledby="tasks-title">
+    <h2 id="tasks-title">Tasks</h2>
+    <form class="filters" id="filters">
+      <fieldset>
+        <legend>Status</legend>
+        <label><input type="checkbox" name="status" value="waiting"> waiting</label>
+        <label><input type="checkbox" name="status" value="working"> working</label>
+        <label><input type="checkbox" name="status" value="completed"> completed</label>
+        <label><input type="checkbox" name="status" value="failed"> failed</label>
+        <label><input type="checkbox" name="status" value="cancelled"> cancelled</label>
+      </fieldset>
+      <label>Directory <input name="work_directory" list="directory-names" placeholder="any"></label>
+      <label>Priority
+        <select name="priority">
+          <option value="">any</option><option>high</option><option>medium</option>
+          <option>low</option>
+        </select>
+      </label>
+      <label>Tag <input name="tag" size="10" placeholder="any"></label>
+      <label>Search <input name="q" type="search" placeholder="prompt, error, output"></label>
+      <button type="reset">Clear filters</button>
+    </form>
+    <datalist id="directory-names"></datalist>
+    <div class="table">
+      <table>
+        <thead><tr>
+          <th scope="col">Status</th><th scope="col">Priority</th>
+          <th scope="col">Directory</th><th scope="col">Age</th><th scope="col">Prompt</th>
+          <th scope="col">Worker</th>
+          <th scope="col" class="number">Retries</th>
+        </tr></thead>
+        <tbody id="tasks"></tbody>
+      </table>
+    </div>
+    <div class="pager">
+      <button type="button" id="newer">Newer</button>
+      <button type="button" id="older">Older</button>
+      <span class="muted" id="range"></span>
+    </div>
+  </section>
+
+  <section aria-labelledby="add-title">
+    <h2 id="add-title">Add a task</h2>
+    <form id="add">
+      <label>Directory (absolute) <input name="work_directory" required list="directory-names"></label>
+      <label>Priority
+        <select name="priority"><option>medium</option><option>high</option><option>low</option></select>
+      </label>
+      <label>Tags (comma-separated) <input name="tags"></label>
+      <label class="wide">Prompt <textarea name="prompt" required></textarea></label>
+      <div class="wide"><button type="submit">Add task</button></div>
+    </form>
+  </section>
+</main>
+
+<dialog id="detail" aria-labelledby="detail-title">
+  <div class="actions">
+    <h2 id="detail-title">Task</h2>
+    <span class="spacer"></span>
+    <span class="actions" id="detail-actions"></span>
+    <button type="button" id="detail-close">Close</button>
+  </div>
+  <div id="detail-body"></div>
+</dialog>
+
+<dialog id="key-dialog" aria-labelledby="key-title">
+  <form id="key-form" method="dialog">
+    <h2 id="key-title">API key</h2>
+    <p id="key-why">This server needs its API key (APP_SECURITY_API_KEY). It is kept in this
+      tab only, until the tab closes.</p>
+    <label>Key <input name="key" type="password" autocomplete="off" required></label>
+    <button type="submit">Use this key</button>
+  </form>
+</dialog>
+
+<script>
+"use strict";
+// Every piece of task text is written by agents: it only ever goes into the page as
+// text (textContent, text nodes), never as HTML.
+
+const REFRESH_MS = 2000;
+const PAGE_SIZE = 50;
+const STATUSES = ["waiting", "working", "completed", "failed", "cancelled"];
+const KEY_STORAGE = "orchestrator-api-key";
+
+const state = {
+  paused: false,
+  offset: 0,
+  openTaskId: null,
+  key: sessionStorage.getItem(KEY_STORAGE),
+  keyRequest: null,  // the pending "ask for the key", shared by every refused request
+  timer: null,
+  refreshFailed: false,
+};
+
+const byId = (id) => document.getElementById(id);
+
+// -- building the page from data ------------------------------------------------
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) {
+      node.setAttribute(name, value === true ? "" : String(value));
+    }
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function ago(iso) {
+  if (!iso) return "";
+  const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
+  return span(seconds) + (seconds >= 0 ? " ago" : " from now");
+}
+
+function span(seconds) {
+  const s = Math.abs(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
+function when(iso) {
+  if (!iso) return el("span", {class: "muted"}, "—");
+  return el("time", {datetime: iso, title: new Date(iso).toLocaleString() + " (" + iso + ")"},
+            ago(iso));
+}
+
+function badge(status) {
+  return el("span", {class: "badge " + status}, status);
+}
+
+function say(text, isError) {
+  const message = byId("message");
+  message.textContent = text;
+  message.className = isError ? "error" : "";
+}
+
+// -- talking to the REST API ----------------------------------------------------
+
+class ApiError extends Error {}
+
+async function api(method, path, body) {
+  const headers = {"Accept": "application/json"};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (state.key) headers["Authorization"] = "Bearer " + state.key;
+  const answer = await fetch(path, {
+    method, headers, cache: "no-store", credentials: "omit",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (answer.status === 401) {
+    await askForKey(state.key !== null);
+    return api(method, path, body);
+  }
+  let envelope = null;
+  try { envelope = await answer.json(); } catch (ignored) { /* not JSON: say the status */ }
+  if (!envelope || !envelope.success) {
+    const error = envelope && envelope.error;
+    throw new ApiError(error ? `${error.code}: ${error.message}` : `HTTP ${answer.status}`);
+  }
+  return envelope.data;
+}
+
+function askForKey(refused) {
+  // One question for every request that was refused meanwhile.
+  if (!state.keyRequest) {
+    state.keyRequest = new Promise((resolve) => {
+      const dialog = byId("key-dialog");
+      byId("key-why").textContent = refused
+        ? "That key was refused. Enter the server's API key (APP_SECURITY_API_KEY)."
+        : "This server needs its API key (APP_SECURITY_API_KEY). It is kept in this tab " +
+          "only, until the tab closes.";
+      dialog.addEventListener("close", () => {
+        state.key = byId("key-form").elements.key.value.trim() || null;
+        if (state.key) sessionStorage.setItem(KEY_STORAGE, state.key);
+        byId("key-form").reset();
+        state.keyRequest = null;
+        resolve();
+      }, {once: true});
+      dialog.showModal();
+    });
+  }
+  return state.keyRequest;
+}
+
+function query(params) {
+  const search = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) if (value) search.set(name, value);
+  return search.toString();
+}
+
+// -- the filters ----------------------------------------------------------------
+
+function filters() {
+  const form = byId("filters");
+  const statuses = [...form.querySelectorAll("input[name=status]:checked")].map((box) => box.value);
+  return {
+    status: statuses.join(","),
+    work_directory: form.elements.work_directory.value.trim(),
+    priority: form.elements.priority.value,
+    tag: form.elements.tag.value.trim(),
+    q: form.elements.q.value.trim(),
+  };
+}
+
+function filterBy(changes) {
+  const form = byId("filters");
+  if ("status" in changes) {
+    for (const box of form.querySelectorAll("input[name=status]")) {
+      box.checked = changes.status.includes(box.value);
+    }
+  }
+  if ("work_directory" in changes) form.elements.work_directory.value = changes.work_directory;
+  state.offset = 0;
+  refresh();
+  byId("tasks-title").scrollIntoView({block: "start", behavior: "smooth"});
+}
+
+// -- rendering ----------------------------------------------------------------
+
+// The page refreshes every 2 s. A part is rebuilt only when its data has changed, so
+// that a button is not replaced under the pointer or the keyboard focus; ages tick on
+// in place (see tickAges).
+const shown = {};
+
+function changed(part, data) {
+  const key = JSON.stringify(data);
+  if (shown[part] === key) return false;
+  shown[part] = key;
+  return true;
+}
+
+function tickAges() {
+  for (const time of document.querySelectorAll("time[datetime]")) {
+    time.textContent = ago(time.dateTime);
+  }
+}
+
+function renderGlance(stats, directories, workers) {
+  for (const status of STATUSES) {
+    document.querySelector(`.stat[data-status=${status}] b`).textContent = stats[status + "_tasks"];
+  }
+  const oldest = Math.max(-1, ...directories.map((d) => d.oldest_waiting_age_seconds ?? -1));
+  byId("oldest-waiting").textContent = oldest < 0 ? "—" : span(Math.round(oldest));
+  byId("busy-workers").textContent =
+    workers.filter((worker) => worker.holding.length > 0).length;
+}
+
+function renderDirectories(directories) {
+  // Ages change every second: they are written in place, and do not count as a change.
+  const ages = directories.map((d) => d.oldest_waiting_age_seconds === null ? "—"
+                                      : span(Math.round(d.oldest_waiting_age_seconds)));
+  if (!changed("directories", directories.map((d) => ({...d, oldest_waiting_age_seconds: 0})))) {
+    byId("directories").querySelectorAll("td.age").forEach((cell, i) => {
+      cell.textContent = ages[i];
+    });
+    return;
+  }
+  const rows = directories.map((d, i) => el("tr", {},
+    el("td", {}, el("button", {type: "button", class: "link", title: "Show this directory's tasks",
+                               onclick: () => filterBy({work_directory: d.work_directory})},
+                    d.work_directory)),
+    el("td", {class: "number waiting", "data-label": "Waiting"}, d.counts.waiting),
+    el("td", {class: "number working", "data-label": "Working"}, d.counts.working),
+    el("td", {class: "number failed", "data-label": "Failed"}, d.counts.failed),
+    el("td", {class: "age", "data-label": "Oldest waiting"}, ages[i]),
+    el("td", {"data-label": "Workers"}, d.workers.join(", ") || "—"),
+    el("td", {}, el("span", {class: "actions"},
+      d.counts.failed ? el("button", {type: "button", onclick: () => bulk(d, "retry", "failed")},
+                           `Retry all failed (${d.counts.failed})`) : null,
+      d.counts.waiting ? el("button", {type: "button", class: "danger",
+                                       onclick: () => bulk(d, "cancel", "waiting")},
+                            `Cancel all waiting (${d.counts.waiting})`) : null)),
+  ));
+  if (!rows.length) {
+    rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No tasks yet.")));
+  }
+  byId("directories").replaceChildren(...rows);
+  byId("directory-names").replaceChildren(
+    ...directories.map((d) => el("option", {value: d.work_directory})));
+}
+
+function renderTasks(page) {
+  if (!changed("tasks", [page, state.openTaskId])) return;
+  const focused = document.activeElement && document.activeElement.dataset.taskId;
+  const rows = page.tasks.map((task) => el("tr", {
+    class: "task" + (task.id === state.openTaskId ? " selected" : ""), tabindex: 0,
+    "data-task-id": task.id, "aria-label": `${task.status} task: ${task.prompt.slice(0, 60)}`,
+    onclick: () => openTask(task.id),
+    onkeydown: (event) => { if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault(); openTask(task.id); } },
+  },
+    el("td", {}, badge(task.status)),
+    el("td", {"data-label": "Priority"}, task.priority),
+    el("td", {"data-label": "Directory"}, task.work_directory),
+    el("td", {"data-label": "Age"}, when(task.created_at)),
+    el("td", {class: "prompt", title: task.prompt.slice(0, 500)}, task.prompt.slice(0, 120)),
+    el("td", {"data-label": "Worker"}, task.worker_id || "—"),
+    el("td", {class: "number", "data-label": "Retries"}, `${task.retry_count}/${task.max_retries}`),
+  ));
+  if (!rows.length) {
+    rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No task matches.")));
+  }
+  byId("tasks").replaceChildren(...rows);
+  if (focused) {
+    const again = byId("tasks").querySelector(`tr[data-task-id="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+  const first = page.total ? page.offset + 1 : 0;
+  byId("range").textContent = `${first}–${page.offset + page.tasks.length} of ${page.total}`;
+  byId("newer").disabled = page.offset === 0;
+  byId("older").disabled = !page.has_more;
+}
+
+function renderDetail(task) {
+  if (!changed("detail", task)) return;
+  byId("detail-title").textContent = "Task " + task.id;
+  const leaseLeft = task.lease_expires_at ? Date.parse(task.lease_expires_at) - Date.now() : null;
+  const facts = [
+    ["Status", badge(task.status)],
+    ["Priority", task.priority],
+    ["Directory", task.work_directory],
+    ["Worker", task.worker_id || "—"],
+    ["Lease expires", task.lease_expires_at === null ? "—" : leaseLeft <= 0
+      ? el("span", {class: "expired"}, "expired ", when(task.lease_expires_at))
+      : when(task.lease_expires_at)],
+    ["Retries", `${task.retry_count} of ${task.max_retries}`],
+    ["Created", when(task.created_at)],
+    ["Started", when(task.started_at)],
+    ["Finished", when(task.completed_at)],
+    ["Updated", when(task.updated_at)],
+    ["Tags", task.tags.join(", ") || "—"],
+  ];
+  const blocks = [
+    ["Progress", task.progress && `${task.progress}\n(${ago(task.progress_at)})`],
+    ["Prompt", task.prompt],
+    ["Error", task.error_message],
+    ["Result output", task.result && task.result.output],
+    ["Metadata", Object.keys(task.metadata).length ? JSON.stringify(task.metadata, null, 2) : null],
+  ];
+  byId("detail-body").replaceChildren(
+    el("dl", {}, facts.map(([name, value]) => [el("dt", {}, name), el("dd", {}, value)])),
+    ...blocks.filter(([, text]) => text).flatMap(([name, text]) => [el("h3", {}, name),
+                                                                     el("pre", {}, text)]),
+  );
+  const actions = [];
+  if (task.status === "waiting" || task.status === "working") {
+    actions.push(el("button", {type: "button", class: "danger",
+                               onclick: () => act(task, "cancel")}, "Cancel"));
+  }
+  if (task.status === "failed" || task.status === "cancelled") {
+    actions.push(el("button", {type: "button", onclick: () => act(task, "retry")}, "Retry"));
+  }
+  if (["completed", "failed", "cancelled"].includes(task.status)) {
+    actions.push(el("button", {type: "button", class: "danger",
+                               onclick: () => act(task, "delete")}, "Delete"));
+  }
+  byId("detail-actions").replaceChildren(...actions);
+}
+
+// -- refreshing -----------------------------------------------------------------
+
+async function refresh() {
+  if (state.paused || document.hidden) return;
+  const list = {...filters(), limit: PAGE_SIZE, offset: state.offset};
+  try {
+    const [stats, directories, workers, page] = await Promise.all([
+      api("GET", "/api/v1/statistics"),
+      api("GET", "/api/v1/directories"),
+      api("GET", "/api/v1/workers"),
+      api("GET", "/api/v1/tasks?" + query(list)),
+    ]);
+    renderGlance(stats, directories.directories, workers.workers);
+    renderDirectories(directories.directories);
+    renderTasks(page);
+    if (state.openTaskId) await refreshDetail();
+    tickAges();
+    const now = new Date();
+    const updated = byId("updated");
+    updated.textContent = "updated " + now.toLocaleTimeString();
+    updated.title = now.toISOString();
+    if (state.refreshFailed) say("");  // the trouble is over; an action's message stays
+    state.refreshFailed = false;
+  } catch (error) {
+    say(error.message, true);
+    state.refreshFailed = true;
+  }
+}
+
+async function refreshDetail() {
+  try {
+    renderDetail(await api("GET", `/api/v1/tasks/${state.openTaskId}`));
+  } catch (error) {
+    delete shown.detail;
+    byId("detail-body").replaceChildren(el("p", {}, error.message));
+    byId("detail-actions").replaceChildren();
+  }
+}
+
+function loop() {
+  clearTimeout(state.timer);
+  refresh().finally(() => { state.timer = setTimeout(loop, REFRESH_MS); });
+}
+
+// -- actions (each one a REST call, so every rule of the API applies) -----------------
+
+async function openTask(taskId) {
+  state.openTaskId = taskId;
+  await refreshDetail();
+  const dialog = byId("detail");
+  if (!dialog.open) dialog.showModal();
+}
+
+async function act(task, action) {
+  if (action === "delete" && !confirm(`Delete this ${task.status} task for good?`)) return;
+  try {
+    if (action === "delete") {
+      await api("DELETE", `/api/v1/tasks/${task.id}`);
+      byId("detail").close();
+    } else {
+      await api("POST", `/api/v1/tasks/${task.id}/${action}`, {});
+    }
+    say(`Task ${task.id.slice(0, 8)}: ${action === "delete" ? "deleted" : action + " done"}.`);
+  } catch (error) {
+    say(error.message, true);
+  }
+  refresh();
+}
+
+async function bulk(directory, action, status) {
+  const count = directory.counts[status];
+  if (action === "cancel" &&
+      !confirm(`Cancel all ${count} waiting tasks in ${directory.work_directory}?`)) return;
+  const body = {action, filter: {work_directory: directory.work_directory, status}};
+  try {
+    let changed = 0, answer;
+    do {
+      answer = await api("POST", "/api/v1/tasks/bulk", body);
+      changed += answer.changed;
+    } while (answer.more && answer.changed > 0);
+    say(`${directory.work_directory}: ${action === "retry" ? "retried" : "cancelled"} ${changed}.`);
+  } catch (error) {
+    say(error.message, true);
+  }
+  refresh();
+}
+
+async function addTask(event) {
+  event.preventDefault();
+  const form = event.target;
+  const tags = form.elements.tags.value.split(",").map((tag) => tag.trim()).filter(Boolean);
+  try {
+    const task = await api("POST", "/api/v1/tasks", {
+      work_directory: form.elements.work_directory.value.trim(),
+      prompt: form.elements.prompt.value,
+      priority: form.elements.priority.value,
+      tags,
+    });
+    form.elements.prompt.value = "";
+    say(`Task ${task.id.slice(0, 8)} added to ${task.work_directory}.`);
+  } catch (error) {
+    say(error.message, true);
+  }
+  refresh();
+}
+
+// -- wiring -----------------------------------------------------------------------
+
+let typing = null;
+byId("filters").addEventListener("input", () => {
+  clearTimeout(typing);  // wait for a pause in typing before asking again
+  typing = setTimeout(() => { state.offset = 0; refresh(); }, 300);
+});
+byId("filters").addEventListener("reset", () => setTimeout(() => filterBy({}), 0));
+byId("filters").addEventListener("submit", (event) => event.preventDefault());
+byId("add").addEventListener("submit", addTask);
+byId("newer").addEventListener("click", () => {
+  state.offset = Math.max(0, state.offset - PAGE_SIZE); refresh(); });
+byId("older").addEventListener("click", () => { state.offset += PAGE_SIZE; refresh(); });
+byId("pause").addEventListener("click", () => {
+  state.paused = !state.paused;
+  byId("pause").setAttribute("aria-pressed", String(state.paused));
+  byId("pause").textContent = state.paused ? "Resume refresh" : "Pause refresh";
+  if (!state.paused) loop();
+});
+byId("detail-close").addEventListener("click", () => byId("detail").close());
+for (const card of document.querySelectorAll(".stat[data-status]")) {
+  card.addEventListener("click", () => filterBy({status: [card.dataset.status]}));
+}
+byId("detail").addEventListener("close", () => {
+  state.openTaskId = null;
+  delete shown.detail;
+  for (const row of document.querySelectorAll("tr.selected")) row.classList.remove("selected");
+});
+document.addEventListener("visibilitychange", () => { if (!document.hidden) loop(); });
+loop();
+</script>
+</body>
+</html>
+"""
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "; ".join((
+        "default-src 'none'",
+        f"script-src {_inline_hash(_PAGE, 'script')}",
+        f"style-src {_inline_hash(_PAGE, 'style')}",
+        "connect-src 'self'",
+        "img-src data:",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 if __name__ == "__main__":

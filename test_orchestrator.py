@@ -1,7 +1,9 @@
 """Tests for orchestrator.py: the store, the REST API, the gate, configuration and serving."""
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import http.client
 import itertools
 import json
@@ -3338,6 +3340,41 @@ def test_mcp_stdio_sends_the_token(store):
 
 
 # ---------------------------------------------------------------------------
+# The page at /: served (here), and driven in a real browser (at the end)
+# ---------------------------------------------------------------------------
+
+def test_the_page_is_one_html_document_that_needs_nothing_from_elsewhere(client):
+    res = client.get("/")
+    assert res.content_type == "text/html" and res.charset == "utf-8"
+    html = res.text
+    assert html.startswith("<!doctype html>") and "<script>" in html and "<style>" in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)  # no CDN, no external request
+    assert "innerHTML" not in html and "outerHTML" not in html and "insertAdjacentHTML" not in html
+    assert client.head("/").body == b""
+
+
+def test_the_page_allows_only_its_own_script_and_style(client):
+    res = client.get("/")
+    policy = dict(part.strip().split(" ", 1) for part in
+                  res.headers["Content-Security-Policy"].split(";"))
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        body = re.search(f"<{tag}>(.*?)</{tag}>", res.text, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert policy[directive] == f"'sha256-{digest}'"
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert res.headers["Referrer-Policy"] == "no-referrer"
+    assert res.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_page_needs_no_key_but_obeys_the_host_rule(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=0, api_key="s3cret"), store))
+    assert client.get("/").status_int == 200
+    refused = client.get("/", headers={"Host": "evil.example"}, status=403)
+    assert refused.json["error"]["code"] == "FORBIDDEN"
+
+
+# ---------------------------------------------------------------------------
 # The OpenAPI document
 # ---------------------------------------------------------------------------
 
@@ -3992,3 +4029,235 @@ def test_worker_retries_while_the_server_is_down(tmp_path):
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 0
     assert "Traceback" not in worker.stderr.read()
+
+
+# ---------------------------------------------------------------------------
+# The page at /, in a real browser (headless Chromium through Selenium)
+# ---------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every browser test; skipped where it is not installed."""
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("the browser tests need Debian's Chromium and its driver: "
+                    "apt-get install chromium chromium-driver (.ci/run installs them)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium must not try to download a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1440,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page_server():
+    """A live server over a store with ten-minute leases: (url, store)."""
+    store = TaskStore(task_timeout=600)
+    config = Config(rate_limit=0)
+    with running_server(config, create_app(config, store)) as url:
+        yield url, store
+
+
+def browser_wait(browser, condition, timeout=10):
+    """Wait for a condition on the page, which may re-render between two looks at it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(browser, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda _: condition())
+
+
+def texts(browser, selector):
+    """The text of each element a selector matches, read in one step in the page."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText)", selector)
+
+
+def click(browser, selector, index=0):
+    """Click the index-th match, found and clicked in one step in the page."""
+    browser.execute_script("document.querySelectorAll(arguments[0])[arguments[1]].click()",
+                           selector, index)
+
+
+def open_page(browser, url):
+    """Load the page and wait for its first refresh; the browser log starts empty."""
+    browser.get(url + "/")
+    browser.get_log("browser")
+    browser_wait(browser, lambda: css(browser, "#updated").text.startswith("updated"))
+
+
+def css(browser, selector):
+    return browser.find_element("css selector", selector)
+
+
+def all_css(browser, selector):
+    return browser.find_elements("css selector", selector)
+
+
+def task_rows(browser):
+    """The ids of the task rows shown, top to bottom."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#tasks tr.task')].map((e) => e.dataset.taskId)")
+
+
+def test_the_page_loads_without_console_errors_and_counts_what_statistics_count(browser,
+                                                                              page_server):
+    url, store = page_server
+    for n in range(3):
+        store.create({"work_directory": "/p", "prompt": f"task {n}"})
+    held = store.claim("/p", "agent-1")
+    store.complete(held.id)
+    open_page(browser, url)
+    stats = store.statistics()
+    shown = texts(browser, "#glance .stat[data-status] b")
+    assert shown == [str(stats[f"{status}_tasks"]) for status in orchestrator.STATUSES]
+    assert len(task_rows(browser)) == 3
+    browser_wait(browser, lambda: "updated" in css(browser, "#updated").text)
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_a_task_added_through_the_form_appears(browser, page_server):
+    url, store = page_server
+    open_page(browser, url)
+    form = css(browser, "#add")
+    form.find_element("name", "work_directory").send_keys("/home/me/project")
+    form.find_element("name", "prompt").send_keys("Add a --verbose flag")
+    form.find_element("name", "tags").send_keys("cli, urgent")
+    form.find_element("css selector", "button[type=submit]").click()
+    browser_wait(browser, lambda: len(store) == 1 and len(task_rows(browser)) == 1)
+    task = store.list()["tasks"][0]
+    assert (task.prompt, task.tags, task.work_directory) == (
+        "Add a --verbose flag", ["cli", "urgent"], "/home/me/project")
+
+
+def test_a_bad_task_from_the_form_shows_the_apis_message(browser, page_server):
+    url, store = page_server
+    open_page(browser, url)
+    form = css(browser, "#add")
+    form.find_element("name", "work_directory").send_keys("relative/path")
+    form.find_element("name", "prompt").send_keys("p")
+    form.find_element("css selector", "button[type=submit]").click()
+    browser_wait(browser, lambda: "work_directory" in css(browser, "#message").text)
+    assert len(store) == 0
+
+
+def detail_buttons(browser):
+    return texts(browser, "#detail-actions button")
+
+
+def test_cancel_and_retry_change_the_task_and_show_only_where_valid(browser, page_server):
+    url, store = page_server
+    task, _ = store.create({"work_directory": "/p", "prompt": "p"})
+    open_page(browser, url)
+    click(browser, "#tasks tr.task")
+    browser_wait(browser, lambda: detail_buttons(browser) == ["Cancel"])
+    click(browser, "#detail-actions button")
+    browser_wait(browser, lambda: detail_buttons(browser) == ["Retry", "Delete"])
+    assert store.get(task.id).status == "cancelled"
+    click(browser, "#detail-actions button")
+    browser_wait(browser, lambda: detail_buttons(browser) == ["Cancel"])
+    assert store.get(task.id).status == "waiting"
+
+
+def test_a_task_opens_from_the_keyboard(browser, page_server):
+    from selenium.webdriver.common.keys import Keys
+    url, store = page_server
+    task, _ = store.create({"work_directory": "/p", "prompt": "by keyboard"})
+    open_page(browser, url)
+    browser.execute_script("document.querySelector('#tasks tr.task').focus()")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    browser_wait(browser, lambda: texts(browser, "#detail-title") == [f"Task {task.id}"])
+    assert browser.execute_script("return document.getElementById('detail').open") is True
+
+
+def test_delete_asks_first(browser, page_server):
+    url, store = page_server
+    task, _ = store.create({"work_directory": "/p", "prompt": "p"})
+    store.cancel(task.id)
+    open_page(browser, url)
+    click(browser, "#tasks tr.task")
+    browser_wait(browser, lambda: detail_buttons(browser) == ["Retry", "Delete"])
+    css(browser, "#detail-actions button.danger").click()  # a real click: confirm() blocks
+    browser.switch_to.alert.dismiss()
+    assert len(store) == 1
+    css(browser, "#detail-actions button.danger").click()
+    browser.switch_to.alert.accept()
+    browser_wait(browser, lambda: len(store) == 0 and task_rows(browser) == [])
+
+
+def test_filters_and_search_narrow_the_list(browser, page_server):
+    url, store = page_server
+    parser, _ = store.create({"work_directory": "/a", "prompt": "Fix the parser"})
+    store.create({"work_directory": "/a", "prompt": "Write docs"})
+    elsewhere, _ = store.create({"work_directory": "/b", "prompt": "Fix the lexer"})
+    store.cancel(elsewhere.id)
+    open_page(browser, url)
+    assert len(task_rows(browser)) == 3
+    css(browser, "#filters input[name=q]").send_keys("PARSER")
+    browser_wait(browser, lambda: task_rows(browser) == [parser.id])
+    click(browser, "#filters button[type=reset]")
+    browser_wait(browser, lambda: len(task_rows(browser)) == 3)
+    click(browser, "#filters input[value=cancelled]")
+    browser_wait(browser, lambda: task_rows(browser) == [elsewhere.id])
+    click(browser, "#filters input[value=waiting]")  # several statuses at once
+    browser_wait(browser, lambda: len(task_rows(browser)) == 3)
+    click(browser, "#directories button.link")  # the /a row: its tasks only
+    browser_wait(browser, lambda: len(task_rows(browser)) == 2 and elsewhere.id not in
+                 task_rows(browser))
+
+
+def test_retry_all_failed_in_a_directory(browser, page_server):
+    url, store = page_server
+    for _ in range(2):
+        task, _ = store.create({"work_directory": "/p", "prompt": "p", "max_retries": 0})
+        store.claim("/p", "w")
+        store.fail(task.id, {"error": "x"})
+    open_page(browser, url)
+    assert texts(browser, "#directories .actions button") == ["Retry all failed (2)"]
+    click(browser, "#directories .actions button")
+    browser_wait(browser, lambda: store.statistics()["waiting_tasks"] == 2)
+    browser_wait(browser, lambda: "Retry all failed" not in css(browser, "#directories").text)
+
+
+def test_a_prompt_full_of_html_shows_as_text_and_runs_nothing(browser, page_server):
+    url, store = page_server
+    attack = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
+    store.create({"work_directory": "/p", "prompt": attack, "tags": ["<b>x</b>"],
+                  "metadata": {"<i>": "<svg onload=alert(1)>"}})
+    open_page(browser, url)
+    click(browser, "#tasks tr.task")
+    browser_wait(browser, lambda: attack in texts(browser, "#detail-body")[0])
+    assert browser.title == "Task orchestrator"
+    assert all_css(browser, "#tasks img, #detail img, #detail-body script, svg") == []
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_then_works(browser):
+    store = TaskStore()
+    store.create({"work_directory": "/p", "prompt": "secret work"})
+    config = Config(rate_limit=0, api_key="s3cret")
+    with running_server(config, create_app(config, store)) as url:
+        browser.get(url + "/")
+        browser_wait(browser, lambda: css(browser, "#key-dialog").get_attribute("open") is not None)
+        assert len(all_css(browser, "#key-dialog[open]")) == 1  # one question, not one per call
+        key = css(browser, "#key-form input[name=key]")
+        key.send_keys("wrong")
+        key.submit()
+        browser_wait(browser, lambda: "refused" in css(browser, "#key-why").text)
+        key.send_keys("s3cret")
+        key.submit()
+        browser_wait(browser, lambda: len(task_rows(browser)) == 1)
+        assert browser.execute_script(
+            "return sessionStorage.getItem('orchestrator-api-key')") == "s3cret"
+        assert "s3cret" not in browser.current_url
+        assert browser.get_cookies() == []
