@@ -464,6 +464,9 @@ class Task:
     progress_at: float | None = None
     #: The holder's secret for this one claim: a report that carries it is fenced to this lease.
     lease_token: str | None = field(default=None, repr=False)
+    #: The started_at of the claim that made lease_token: how _restore tells a token an
+    #: older version (which knows no tokens) left behind when it let another claim in.
+    token_started_at: float | None = field(default=None, repr=False)
     number: int = field(default=0, repr=False)  #: creation order, for newest-first listing
     #: Its live entry in its directory's queue while waiting; any other entry is stale.
     queue_entry: tuple | None = field(default=None, repr=False)
@@ -604,10 +607,11 @@ class Field:
     def _check_string(self, value: str, path: str) -> None:
         """Length, pattern and well-formed Unicode."""
         if self.min_length is not None and len(value) < self.min_length:
-            raise _invalid(path, f"must be at least {self.min_length} characters")
+            raise _invalid(path, "must not be empty" if self.min_length == 1
+                           else f"must be at least {self.min_length} characters")
         if self.max_length is not None and len(value) > self.max_length:
             raise _invalid(path, f"must be at most {self.max_length} characters")
-        if self.pattern is not None and not re.search(self.pattern, value):
+        if self.pattern is not None and not re.search(_ecma_anchored(self.pattern), value):
             raise _invalid(path, self.pattern_rule)
         if _SURROGATES.search(value):
             raise _invalid(path, "must be valid Unicode (no lone surrogates)")
@@ -700,6 +704,16 @@ class Schema:
         """The same fields, none required or defaulted, at least one sent: a partial update."""
         fields = tuple(dataclasses.replace(f, required=False, default=None) for f in self.fields)
         return Schema(name, fields, min_fields=1)
+
+
+def _ecma_anchored(pattern: str) -> str:
+    """A JSON Schema pattern for Python's re, whose $ also matches before a final newline.
+
+    In ECMA-262, the regex dialect of JSON Schema, $ is the very end only: \\Z in Python.
+    """
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + r"\Z"
+    return pattern
 
 
 def _invalid(path: str, rule: str) -> ValidationError:
@@ -1080,6 +1094,14 @@ def _lock_exclusively(descriptor: int) -> None:
 
 def _connect(path: str, sync: str, columns: tuple[_Column, ...]) -> sqlite3.Connection:
     """Open the database, check that it is ours and not newer, and bring its schema up to date."""
+    try:
+        # It holds prompts and live lease tokens: a file we create is its owner's alone
+        # (SQLite gives the -wal and -shm files the same permissions).
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise ConfigError(f"cannot use the database file {path}: {error.strerror}") from None
     try:
         # Transactions are begun and ended explicitly; the writer thread uses the
         # connection after __init__, and close() after the writer has stopped.
@@ -1643,7 +1665,7 @@ class TaskStore:
                 return None
             task.worker_id = query["worker_id"]  # before the status: the holder is indexed too
             self._set_status(task, WORKING, now)
-            task.lease_token = lease_token
+            task.lease_token, task.token_started_at = lease_token, now
             task.started_at = now
             self._lease(task, now)
             events.append(_event("claimed", task))
@@ -2013,12 +2035,12 @@ class TaskStore:
         """Back to waiting, with no holder: at the back of its priority, or at `place`."""
         self._set_status(task, WAITING, now)
         task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
-        task.lease_token = task.progress = task.progress_at = None
+        task.lease_token = task.token_started_at = task.progress = task.progress_at = None
         self._enqueue(task, self._next_sequence() if place is None else place)
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
-        task.lease_expires_at = task.lease_token = None
+        task.lease_expires_at = task.lease_token = task.token_started_at = None
         # Before the status: indexing a completed task adds its duration, which
         # needs completed_at.
         task.completed_at = now
@@ -2178,6 +2200,8 @@ class TaskStore:
             for row in rows:
                 place = row.pop("queue_seq")
                 task = Task(**row)
+                if task.token_started_at != task.started_at:
+                    task.lease_token = None  # left from an earlier claim: it fences nothing
                 self._tasks[task.id] = task
                 self._index(task)
                 # Into lists first, made heaps once below: cheaper than a push per task.
@@ -2220,7 +2244,7 @@ class TaskStore:
         if token is not None and not (task.status == WORKING and task.lease_token is not None
                                       and hmac.compare_digest(token, task.lease_token)):
             ended = f"the task is {task.status}" if task.status != WORKING else \
-                "the task has been claimed again"
+                "the task is held under another lease"
             raise Conflict(f"task {task.id}: this lease is over ({ended})")
         self._require(task, (WORKING,), "report on")
         worker_id = reporter.get("worker_id")
@@ -2689,7 +2713,19 @@ def _create_task(store: TaskStore, fields: dict) -> dict:
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
     """Claim the next waiting task of a directory, with its lease token; null when none waits."""
     task = store.claim(**fields)
+    response.set_header("Cache-Control", "no-store")  # it may carry a lease token
+    if task is not None and _client_hung_up():
+        # It waited, then left (a worker stopped by Ctrl-C): no one would ever get this
+        # answer, so the task goes straight back, first in line, no retry used.
+        store.release(task.id, {"lease_token": task.lease_token})
+        return None
     return None if task is None else {**task.to_dict(), "lease_token": task.lease_token}
+
+
+def _client_hung_up() -> bool:
+    """Whether the client of the current request has closed its connection (waitress only)."""
+    hung_up = request.environ.get("waitress.client_disconnected")
+    return hung_up is not None and hung_up()
 
 
 def _complete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -2804,6 +2840,11 @@ def _call_route(route: _Route, store: TaskStore, **url_args: str) -> object:
     """Parse what the route declares (its query, or its JSON body), then run its handler."""
     if route.query is not None:
         fields = _query(route.query)
+    elif request.query_string:
+        # Read as nothing, a lease_token sent here would make a fenced report anonymous.
+        names = sorted({name for name, _ in _query_pairs()})
+        raise ValidationError(f"this route takes no query parameters (got {', '.join(names)}); "
+                              "send its fields in the JSON body", field=names[0])
     elif route.body is not None:
         fields = _json_body()
     else:
@@ -3684,6 +3725,9 @@ class _Server:
             # So it takes up to four times our limit, and the gate refuses that with
             # the envelope; only beyond it does waitress's own 413 answer.
             max_request_body_size=_WAITRESS_BODY_FACTOR * config.max_body + 1,
+            # Reading one request ahead is how waitress sees a client hang up while its
+            # request runs: a long-poll claim checks that before it hands a task over.
+            channel_request_lookahead=1,
             ident="simple-task-orchestrator",
         )
         listening = getattr(self._waitress, "effective_listen", None) or [
@@ -3829,6 +3873,50 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help that shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """A setting's parser as an argparse type, so that a bad flag says what it must be."""
+    def check(raw: str) -> object:
+        try:
+            return parse(raw)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"must be {error}") from None
+    return check
+
+
+def _seconds(raw: str) -> float:
+    """A parser for a number of seconds, 0 or more."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise ValueError("a number of seconds, 0 or more")
+    return seconds
+
+
+def _http_url(raw: str) -> str:
+    """An argparse type: an http:// or https:// URL, which is all urllib here can reach."""
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL such as http://127.0.0.1:8080, not {raw!r}")
+    return raw
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--token, else APP_SECURITY_API_KEY; read here, so that --help never shows it."""
+    return flag if flag is not None else os.environ.get("APP_SECURITY_API_KEY")
+
+
 # -- mcp-stdio: for MCP clients that only start local processes ---------------
 
 def _main_mcp_stdio(argv: list[str]) -> int:
@@ -3838,15 +3926,15 @@ def _main_mcp_stdio(argv: list[str]) -> int:
         description="Relay an MCP client that speaks stdio to a running orchestrator's /mcp, "
                     "so that every agent shares one queue. Stdout carries only protocol "
                     "messages; logs go to stderr. Exits when stdin closes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8080",
+    parser.add_argument("--url", type=_http_url, default="http://127.0.0.1:8080",
                         help="the orchestrator, or its /mcp address")
-    parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
-                        help="API key to send as a bearer token (APP_SECURITY_API_KEY)")
+    parser.add_argument("--token", help="API key to send as a bearer token "
+                                        "(default: $APP_SECURITY_API_KEY)")
     args = parser.parse_args(argv)
     _configure_logging(Config(log_level="warning"))
-    relay = _StdioRelay(_mcp_address(args.url), args.token)
+    relay = _StdioRelay(_mcp_address(args.url), _api_key(args.token))
     for line in sys.stdin:
         if line.strip():
             reply = relay.forward(line.strip())
@@ -3859,9 +3947,9 @@ def _main_mcp_stdio(argv: list[str]) -> int:
 def _mcp_address(url: str) -> str:
     """The /mcp address of an orchestrator given by its base URL (as `work` takes it) or as is."""
     parts = urllib.parse.urlsplit(url)
-    if parts.path in ("", "/"):
-        return urllib.parse.urlunsplit(parts._replace(path="/mcp"))
-    return url
+    path = parts.path.rstrip("/")
+    return urllib.parse.urlunsplit(parts._replace(
+        path=path if path.endswith("/mcp") else path + "/mcp"))
 
 
 class _StdioRelay:
@@ -3920,8 +4008,8 @@ class _StdioRelay:
             reply = json.loads(raw) if raw else {}
         except ValueError:
             reply = None
-        if isinstance(reply, dict) and ("result" in reply or "error" in reply or not raw):
-            return reply
+        if not raw or isinstance(reply, dict) and reply.get("jsonrpc") == "2.0":
+            return reply or {}
         return {"error": {"code": _INTERNAL_ERROR,
                           "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
 
@@ -3961,23 +4049,26 @@ def _main_work(argv: list[str]) -> int:
                "Twice: stop it now and hand the task back. Exit status: 0 done, 2 the "
                "command or the API key is wrong, 3 too many tasks failed in a row, 130 "
                "stopped by a second Ctrl-C.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the orchestrator")
-    parser.add_argument("--work-path", required=True, help="the directory whose tasks to take")
-    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
-                        help="how this worker is named in the queue (HOST-PID)")
-    parser.add_argument("--token", default=os.environ.get("APP_SECURITY_API_KEY"),
-                        help="API key (APP_SECURITY_API_KEY)")
-    parser.add_argument("--wait", type=int, default=20, choices=range(0, 21), metavar="0-20",
+    parser.add_argument("--url", type=_http_url, default="http://127.0.0.1:8080",
+                        help="the orchestrator's base URL")
+    parser.add_argument("--work-path", required=True, metavar="DIR",
+                        help="the directory whose tasks to take")
+    parser.add_argument("--worker-id", help="how this worker is named in the queue "
+                                            "(default: HOST-PID)")
+    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
+    parser.add_argument("--wait", type=_flag(_integer(0, 20)), default=20, metavar="0-20",
                         help="seconds each claim waits for a task")
     parser.add_argument("--once", action="store_true",
                         help="handle one task (or none, if none comes within --wait), then exit")
-    parser.add_argument("--max-output", type=int, default=65536, metavar="BYTES",
-                        help="how much of the end of the command's output to report")
-    parser.add_argument("--max-failures", type=int, default=3, metavar="N",
-                        help="stop (exit status 3) after N tasks failed in a row; 0: never")
-    parser.add_argument("--grace", type=float, default=10, metavar="SECONDS",
+    parser.add_argument("--max-output", type=_flag(_integer(1, 2**31 - 1)), default=65536,
+                        metavar="BYTES", help="how much of the end of the command's output "
+                                              "to report")
+    parser.add_argument("--max-failures", type=_flag(_integer(0, 1_000_000)), default=3,
+                        metavar="N", help="stop (exit status 3) after N tasks failed in a row; "
+                                          "0: never")
+    parser.add_argument("--grace", type=_flag(_seconds), default=10, metavar="SECONDS",
                         help="how long a stopped command has after SIGTERM, before SIGKILL")
     parser.add_argument("--quiet", action="store_true",
                         help="do not show the command's output as it comes")
@@ -3987,17 +4078,22 @@ def _main_work(argv: list[str]) -> int:
     if not command:
         parser.error("give the command to run after --, e.g. -- claude -p")
     _configure_logging(Config())
+    work_path = os.path.abspath(os.path.expanduser(args.work_path))
     if shutil.which(command[0]) is None:
         logger.error("cannot run %s: no such command, or it is not executable; "
                      "no task was claimed", command[0])
         return 2
+    if not os.path.isdir(work_path):
+        logger.error("no such directory: %s; no task was claimed", work_path)
+        return 2
     settings = _WorkerSettings(
-        work_path=os.path.abspath(os.path.expanduser(args.work_path)),
-        worker_id=args.worker_id, command=command, wait=args.wait, once=args.once,
-        max_output=args.max_output, max_failures=args.max_failures, grace=args.grace,
-        quiet=args.quiet,
+        work_path=work_path,
+        worker_id=args.worker_id if args.worker_id is not None
+        else f"{socket.gethostname()}-{os.getpid()}",
+        command=command, wait=args.wait, once=args.once, max_output=args.max_output,
+        max_failures=args.max_failures, grace=args.grace, quiet=args.quiet,
     )
-    return _Worker(_ApiClient(args.url, args.token), settings).run()
+    return _Worker(_ApiClient(args.url, _api_key(args.token)), settings).run()
 
 
 @dataclass(frozen=True, slots=True)
@@ -4084,6 +4180,14 @@ class _Output:
                 self.tail += chunk
                 del self.tail[:-self.limit]
 
+    def end_line(self) -> None:
+        """End the echoed output's last line, so that the worker's next line starts afresh."""
+        with self._lock:
+            unfinished = self.tail and not self.tail.endswith(b"\n")
+        if unfinished and self.echo is not None:
+            self.echo.write(b"\n")
+            self.echo.flush()
+
     def text(self, limit: int | None = None) -> str:
         """The last `limit` bytes (all that is kept by default) as text."""
         with self._lock:
@@ -4147,7 +4251,14 @@ class _Worker:
                                         "wait": self.settings.wait})
         answer = self._request("GET", f"/api/v1/tasks/next?{query}", None, claiming=True,
                                timeout=self.settings.wait + 15)
-        return None if answer is None else answer[1].get("data")
+        if answer is None:
+            return None
+        status, envelope = answer
+        if status != 200:  # a wrong --url or --worker-id: asking again cannot help
+            logger.error("the orchestrator at %s refused the claim (HTTP %d: %s); no task was "
+                         "claimed", self.api.url, status, _error_message(envelope, status))
+            raise _Broken(2)
+        return envelope.get("data")
 
     def _report(self, task: dict, action: str, body: dict) -> str:
         """Report on the task, retrying while the server is unreachable; what became of it."""
@@ -4166,14 +4277,19 @@ class _Worker:
         """A request, retried while the server is down, busy or limiting this client.
 
         A rate limit is waited out as the server says (Retry-After); anything
-        else backs off, doubling to 10 s. A claim gives up (None) once a first
-        Ctrl-C asks the worker to stop.
+        else backs off, doubling to 10 s. A claim gives up (None) at once when a
+        first Ctrl-C asks the worker to stop: the server gives back whatever it
+        finds for a claimant that has hung up.
         """
         delay = 1.0
         while True:
             try:
-                status, envelope = self._in_background(
-                    functools.partial(self.api.call, method, path, body, timeout))
+                answer = self._in_background(
+                    functools.partial(self.api.call, method, path, body, timeout),
+                    abandon_on_interrupt=claiming)
+                if answer is None:
+                    return None
+                status, envelope = answer
             except OSError as error:
                 pause = delay
                 logger.warning("cannot reach the orchestrator at %s (%s); retrying in %.0f s",
@@ -4193,17 +4309,31 @@ class _Worker:
                 return None
             delay = min(delay * 2, 10)
 
-    def _in_background(self, call: Callable[[], object]) -> object:
-        """Run a blocking call in a thread, so that Ctrl-C is handled while it runs."""
+    def _in_background(self, call: Callable[[], object],
+                       abandon_on_interrupt: bool = False) -> object:
+        """Run a blocking call in a thread, so that Ctrl-C is handled while it runs.
+
+        With `abandon_on_interrupt` (a claim), a first Ctrl-C gives the call one
+        more second, for an answer the server has just sent, then returns None
+        and leaves it to die with the process.
+        """
         def run() -> None:
             try:
                 self._events.put(("done", call(), None))
             except Exception as error:  # handed to the main thread, which re-raises it
                 self._events.put(("done", None, error))
         threading.Thread(target=run, daemon=True).start()
+        deadline = None
         while True:
-            event = self._events.get()
-            if event[0] == "interrupt":
+            try:
+                event = self._events.get(
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                logger.warning("stopping; no task was in hand")
+                return None
+            if event[0] == "interrupt" and abandon_on_interrupt and deadline is None:
+                deadline = time.monotonic() + 1.0
+            elif event[0] == "interrupt":
                 self._interrupted("stopping once the pending request returns")
             elif event[0] == "done":
                 if event[2] is not None:
@@ -4250,7 +4380,8 @@ class _Worker:
             outcome = self._report(task, "fail", {"retry": False, "error": (
                 "the prompt contains a NUL character, which cannot be passed as a "
                 "command-line argument; take {prompt} out of the command to pass it on stdin")})
-            self._log_task(task, f"not started ({outcome})", started)
+            self._log_task(task, f"not started, the prompt has a NUL character: {outcome}",
+                           started)
             return
         try:
             process = subprocess.Popen(
@@ -4270,7 +4401,8 @@ class _Worker:
             outcome = self._report(task, "fail", {"retry": False, "error": (
                 "the prompt is too long to pass as a command-line argument; take {prompt} "
                 "out of the command to pass it on stdin")})
-            self._log_task(task, f"not started ({outcome})", started)
+            self._log_task(task, f"not started, the prompt is too long for {{prompt}}: "
+                                 f"{outcome}", started)
             return
         self._hand_back(task)
         logger.error("cannot start %s in %s: %s; the task was handed back, and the worker "
@@ -4302,6 +4434,8 @@ class _Worker:
             raise
         finally:
             finished.set()  # stops the heartbeats
+        stdout.end_line()
+        stderr.end_line()
         if ended is not None:
             self._log_task(task, f"{ended}: command stopped, not reported", started)
         else:
@@ -4406,8 +4540,8 @@ class _Worker:
                            _error_message(envelope, status))
 
     def _log_task(self, task: dict, outcome: str, started: float) -> None:
-        """The one line per task: id, outcome, duration."""
-        logger.info("task %s: %s in %.1f s", task["id"], outcome, time.monotonic() - started)
+        """The line that ends a task: id, outcome, how long it ran."""
+        logger.info("task %s: %s (ran %.1f s)", task["id"], outcome, time.monotonic() - started)
 
 
 def _last_lines(text: str, limit: int = 4000) -> str:

@@ -201,14 +201,14 @@ def nested(levels):
 
 @pytest.mark.parametrize("field, value, rule", [
     ("work_directory", None, "work_directory: must be a string"),
-    ("work_directory", "", "work_directory: must be at least 1 characters"),
+    ("work_directory", "", "work_directory: must not be empty"),
     ("work_directory", "relative/path", "work_directory: must be an absolute path"),
     ("work_directory", "/a\x00b", "work_directory: must be an absolute path"),
     ("work_directory", "/a\nb", "work_directory: must be an absolute path"),
     ("work_directory", "C:relative", "work_directory: must be an absolute path"),
     ("work_directory", "/" + "d" * 1000, "work_directory: must be at most 1000 characters"),
     ("work_directory", ["/a"], "work_directory: must be a string"),
-    ("prompt", "", "prompt: must be at least 1 characters"),
+    ("prompt", "", "prompt: must not be empty"),
     ("prompt", " \n\t ", "prompt: must not be only whitespace"),
     ("prompt", "p" * 100_001, "prompt: must be at most 100000 characters"),
     ("prompt", 42, "prompt: must be a string"),
@@ -217,7 +217,7 @@ def nested(levels):
     ("priority", 1, "priority: must be a string"),
     ("tags", "a,b", "tags: must be an array"),
     ("tags", [str(i) for i in range(21)], "tags: must have at most 20 items"),
-    ("tags", [""], "tags[0]: must be at least 1 characters"),
+    ("tags", [""], "tags[0]: must not be empty"),
     ("tags", ["ok", "t" * 51], "tags[1]: must be at most 50 characters"),
     ("tags", [1], "tags[0]: must be a string"),
     ("metadata", [], "metadata: must be an object"),
@@ -532,7 +532,7 @@ def test_fail_with_retry_false_is_final_at_once(client, make_task, claim):
 
 @pytest.mark.parametrize("body, message", [
     ({}, "error: is required"),
-    ({"error": ""}, "error: must be at least 1 characters"),
+    ({"error": ""}, "error: must not be empty"),
     ({"error": "x", "retry": "no"}, "retry: must be a boolean"),
     ({"error": "x", "worker_id": 5}, "worker_id: must be a string"),
 ])
@@ -869,6 +869,31 @@ def test_no_interleaving_lets_an_ended_lease_change_a_task(clock, seed):
                     {"work_directory": "/r", "prompt": "again"})[0].id
 
 
+@pytest.mark.parametrize("field, value", [
+    ("worker_id", "evil\n"), ("work_path", "/tmp/w\n"),
+])
+def test_a_trailing_newline_is_a_control_character_too(client, field, value):
+    query = {"work_path": "/r", "worker_id": "w", field: value}
+    res = client.get("/api/v1/tasks/next", query, status=400)
+    assert res.json["error"]["details"]["field"] == field
+
+
+def test_a_report_with_a_query_string_is_refused_not_read_as_anonymous(client, make_task, claim,
+                                                                      store):
+    task = make_task()
+    token = claim()["lease_token"]
+    res = client.post(task_url(task, "complete") + "?lease_token=" + token, status=400)
+    assert res.json["error"]["details"]["field"] == "lease_token"
+    assert "query" in res.json["error"]["message"]
+    assert store.get(task["id"]).status == "working"
+
+
+def test_the_claim_answer_is_never_cached(client, make_task, claim):
+    make_task()
+    res = client.get("/api/v1/tasks/next", {"work_path": "/repo", "worker_id": "w"})
+    assert res.headers["Cache-Control"] == "no-store"
+
+
 @pytest.mark.parametrize("raw, allowed", [("on", True), ("off", False), ("OFF", False),
                                           ("true", True), ("0", False)])
 def test_anonymous_reports_come_from_the_setting(raw, allowed):
@@ -997,7 +1022,7 @@ def test_update_of_a_task_that_is_not_waiting_conflicts(client, make_task, claim
     ({}, "send at least 1 of: work_directory, prompt"),
     ({"status": "completed"}, "unknown fields: status"),
     ({"id": "x"}, "unknown fields: id"),
-    ({"prompt": ""}, "prompt: must be at least 1 characters"),
+    ({"prompt": ""}, "prompt: must not be empty"),
     ({"work_directory": "rel"}, "work_directory: must be an absolute path"),
 ])
 def test_update_rejects_a_bad_body(client, make_task, body, message):
@@ -2121,6 +2146,28 @@ def test_a_lease_token_survives_a_restart_and_still_fences(open_store, clock):
     reopened.claim("/r", "w")
     with pytest.raises(Conflict, match="this lease is over"):
         reopened.complete(task.id, {"lease_token": token})
+
+
+def test_a_token_the_file_kept_from_an_earlier_claim_is_never_revived(open_store, data_file,
+                                                                       clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    token = store.claim("/r", "a").lease_token
+    store.close()
+    # A version from before tokens claims the task again for b: it writes the columns it
+    # knows and leaves lease_token alone.
+    with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
+        connection.execute("UPDATE tasks SET worker_id = 'b', started_at = started_at + 1, "
+                           "version = version + 1 WHERE id = ?", (task.id,))
+    reopened = open_store()
+    with pytest.raises(Conflict, match="this lease is over"):
+        reopened.complete(task.id, {"lease_token": token})
+    assert reopened.get(task.id).worker_id == "b"
+
+
+def test_the_data_file_is_readable_by_its_owner_only(open_store, data_file):
+    open_store()
+    assert os.stat(data_file).st_mode & 0o077 == 0
 
 
 def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, clock):
@@ -3328,6 +3375,24 @@ def test_mcp_stdio_takes_the_base_url_like_work_does(live_url, suffix):
     assert status == 0 and json.loads(replies[0]) == {"jsonrpc": "2.0", "id": 1, "result": {}}
 
 
+@pytest.mark.parametrize("given, address", [
+    ("http://h:1", "http://h:1/mcp"), ("http://h:1/", "http://h:1/mcp"),
+    ("http://h/orch", "http://h/orch/mcp"), ("http://h/orch/", "http://h/orch/mcp"),
+    ("http://h/orch/mcp", "http://h/orch/mcp"), ("http://h/mcp/", "http://h/mcp"),
+])
+def test_mcp_stdio_finds_the_mcp_address_under_any_base_url(given, address):
+    assert orchestrator._mcp_address(given) == address
+
+
+def test_mcp_stdio_turns_an_answer_that_is_not_json_rpc_into_an_error(live_url):
+    status, replies, _ = run_relay(live_url + "/api/v1", ['{"jsonrpc": "2.0", "id": 3, '
+                                                          '"method": "ping"}'])
+    reply = json.loads(replies[0])
+    assert status == 0 and reply["id"] == 3 and reply["jsonrpc"] == "2.0"
+    assert reply["error"]["code"] == -32603 and "HTTP 404" in reply["error"]["message"]
+    assert "success" not in reply
+
+
 def test_mcp_stdio_sends_the_token(store):
     config = Config(rate_limit=0, api_key="s3cret")
     with running_server(config, create_app(config, store)) as url:
@@ -3632,6 +3697,22 @@ def test_a_waiting_claim_is_woken_by_a_create(client, store):
     assert waiter.seconds < 5
 
 
+def test_a_task_found_for_a_claimant_that_hung_up_goes_straight_back(live_url, live_store):
+    port = int(live_url.rsplit(":", 1)[1])
+    hung_up = socket.create_connection(("127.0.0.1", port))
+    hung_up.sendall(b"GET /api/v1/tasks/next?work_path=/gone&worker_id=w&wait=20 HTTP/1.1\r\n"
+                    b"Host: 127.0.0.1\r\n\r\n")
+    wait_until(lambda: live_store.waiting_claims == 1)
+    hung_up.close()  # as a worker stopped by Ctrl-C in the middle of its claim
+    time.sleep(1)  # for the server to see the connection closed
+    task, _ = live_store.create({"work_directory": "/gone", "prompt": "p"})
+    wait_until(lambda: live_store.waiting_claims == 0
+               and live_store.get(task.id).status == "waiting")
+    back = live_store.get(task.id)
+    assert (back.worker_id, back.retry_count) == (None, 0)
+    assert live_store.claim("/gone", "next").id == task.id  # first in line
+
+
 def test_a_wait_that_times_out_answers_null_even_if_another_directory_got_work(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/mine&worker_id=w&wait=1")
     waiter.start()
@@ -3736,6 +3817,26 @@ def worker_server():
         yield url, store
 
 
+@pytest.fixture
+def spawn():
+    """Start processes that are stopped when the test ends, even when it fails."""
+    started = []
+
+    def spawn(command, **options):
+        started.append(subprocess.Popen(command, **options))
+        return started[-1]
+    yield spawn
+    for process in started:
+        if process.poll() is None:
+            for _ in range(2):  # a worker's "stop now": it stops its agent and hands back
+                process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def worker_command(url, work_path, *args, agent=("-c", AGENT)):
     return [sys.executable, str(MODULE), "work", "--url", url, "--work-path", str(work_path),
             "--wait", "0", *args, "--", sys.executable, *agent]
@@ -3760,7 +3861,7 @@ def test_worker_completes_a_task_with_the_commands_output(worker_server, tmp_pat
     output = done.result["output"].splitlines()
     assert output[:3] == [f"cwd {tmp_path}", f"env {task.id} {url}", "prompt FIX IT"]
     assert done.result["status"] == "success" and isinstance(done.result["duration_ms"], int)
-    assert f"task {task.id}: exit status 0, completed in" in stderr
+    assert f"task {task.id}: exit status 0, completed (ran" in stderr
 
 
 def test_worker_failures_are_requeued_then_failed_at_the_limit(worker_server, tmp_path):
@@ -3793,10 +3894,10 @@ def test_worker_keeps_a_long_task_through_heartbeats(worker_server, tmp_path):
     assert store.statistics()["expired_leases_total"] == 0
 
 
-def test_worker_stops_the_command_when_the_lease_is_lost(worker_server, tmp_path):
+def test_worker_stops_the_command_when_the_lease_is_lost(worker_server, tmp_path, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    worker = subprocess.Popen(worker_command(url, tmp_path, "--once"), text=True,
+    worker = spawn(worker_command(url, tmp_path, "--once"), text=True,
                               env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).status == "working")
     store.delete(task.id)  # its next heartbeat is refused
@@ -3821,12 +3922,16 @@ def test_worker_with_a_missing_command_exits_2_without_claiming(worker_server, t
 
 
 def test_worker_that_cannot_start_its_command_releases_the_task_and_exits_2(worker_server,
-                                                                            tmp_path):
+                                                                            tmp_path, spawn):
     url, store = worker_server
-    missing = tmp_path / "gone"  # the directory does not exist: the worker is at fault
-    task, _ = store.create({"work_directory": str(missing), "prompt": "p"})
-    status, stderr = run_worker(url, missing)
-    assert status == 2 and "cannot start" in stderr
+    doomed = tmp_path / "doomed"
+    doomed.mkdir()
+    worker = spawn(worker_command(url, doomed, "--once", "--wait", "20"), text=True,
+                   stderr=subprocess.PIPE)
+    wait_until(lambda: store.waiting_claims == 1)
+    doomed.rmdir()  # the directory goes away under the worker: the worker is at fault
+    task, _ = store.create({"work_directory": str(doomed), "prompt": "p"})
+    assert worker.wait(timeout=10) == 2 and "cannot start" in worker.stderr.read()
     again = store.get(task.id)
     assert (again.status, again.retry_count) == ("waiting", 0)
 
@@ -3861,10 +3966,10 @@ def test_worker_reports_output_that_is_not_utf8(worker_server, tmp_path):
     assert store.get(task.id).result["output"] == "ok \ufffd\ufffd end"
 
 
-def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path):
+def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path, spawn):
     url, store = worker_server  # 2 s leases: a heartbeat every 2/3 s
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", "--grace", "1"), text=True,
+    worker = spawn(worker_command(url, tmp_path, "--once", "--grace", "1"), text=True,
                               env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).status == "working")
     cancelled = time.monotonic()
@@ -3874,12 +3979,12 @@ def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path):
     assert "the task was cancelled" in worker.stderr.read()
 
 
-def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path):
+def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
     agent = ("-c", "import os, time; print('step one', flush=True)\n"
                    "while not os.path.exists('go'): time.sleep(0.02)")
-    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", agent=agent), text=True,
+    worker = spawn(worker_command(url, tmp_path, "--once", agent=agent), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).progress == "step one")
     (tmp_path / "go").touch()
@@ -3888,11 +3993,11 @@ def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path):
     assert store.get(task.id).result["output"].strip() == "step one"
 
 
-def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_path):
+def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_path, spawn):
     url, store = worker_server
     first, _ = store.create({"work_directory": str(tmp_path), "prompt": "one"})
     second, _ = store.create({"work_directory": str(tmp_path), "prompt": "two"})
-    worker = subprocess.Popen(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE,
+    worker = spawn(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE,
                               env={**os.environ, "AGENT_SLEEP": "0.5"})
     wait_until(lambda: store.get(first.id).status == "working")
     worker.send_signal(signal.SIGINT)
@@ -3902,15 +4007,15 @@ def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_pat
 
 
 @pytest.mark.parametrize("max_retries", [1, 0])
-def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_server,
-                                                                      tmp_path, max_retries):
+def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(
+        worker_server, tmp_path, max_retries, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p",
                             "max_retries": max_retries})
     pid_file = tmp_path / "agent.pid"
     agent = ("-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                    "time.sleep(30)")
-    worker = subprocess.Popen(worker_command(url, tmp_path, agent=agent), text=True,
+    worker = spawn(worker_command(url, tmp_path, agent=agent), text=True,
                               stderr=subprocess.PIPE)
     wait_until(lambda: pid_file.exists() and pid_file.read_text())
     worker.send_signal(signal.SIGINT)
@@ -3924,19 +4029,17 @@ def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(worker_s
         os.kill(int(pid_file.read_text()), 0)
 
 
-def test_directory_concurrency_holds_a_second_worker_until_the_first_finishes(tmp_path):
+def test_directory_concurrency_holds_a_second_worker_until_the_first_finishes(tmp_path, spawn):
     store = TaskStore(task_timeout=2, directory_concurrency=1)
     config = Config(rate_limit=0)
     first, _ = store.create({"work_directory": str(tmp_path), "prompt": "one"})
     second, _ = store.create({"work_directory": str(tmp_path), "prompt": "two"})
     until_go = ("-c", "import os, time\nwhile not os.path.exists('go'): time.sleep(0.02)")
     with running_server(config, create_app(config, store)) as url:
-        workers = [subprocess.Popen(worker_command(url, tmp_path, "--once", "--wait", "20",
-                                                   agent=until_go), stderr=subprocess.DEVNULL)]
+        command = worker_command(url, tmp_path, "--once", "--wait", "20", agent=until_go)
+        workers = [spawn(command, stderr=subprocess.DEVNULL)]
         wait_until(lambda: store.get(first.id).status == "working")
-        workers.append(subprocess.Popen(worker_command(url, tmp_path, "--once", "--wait", "20",
-                                                       agent=until_go),
-                                        stderr=subprocess.DEVNULL))
+        workers.append(spawn(command, stderr=subprocess.DEVNULL))
         wait_until(lambda: store.waiting_claims == 1)
         assert store.get(second.id).status == "waiting"  # held back: one agent per checkout
         (tmp_path / "go").touch()
@@ -3981,9 +4084,9 @@ def test_worker_waits_out_a_rate_limit_as_the_server_says(tmp_path):
     assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 2  # not the 1 s backoff
 
 
-def test_an_idle_worker_pauses_a_second_between_claims_that_find_nothing(tmp_path):
+def test_an_idle_worker_pauses_a_second_between_claims_that_find_nothing(tmp_path, spawn):
     with scripted_claims() as (url, arrivals):
-        worker = subprocess.Popen(worker_command(url, tmp_path), stderr=subprocess.DEVNULL)
+        worker = spawn(worker_command(url, tmp_path), stderr=subprocess.DEVNULL)
         wait_until(lambda: len(arrivals) >= 2)
         worker.send_signal(signal.SIGINT)
         assert worker.wait(timeout=10) == 0
@@ -3992,10 +4095,10 @@ def test_an_idle_worker_pauses_a_second_between_claims_that_find_nothing(tmp_pat
 
 
 def test_worker_reports_with_its_token_so_a_new_lease_under_its_name_stops_it(worker_server,
-                                                                              tmp_path):
+                                                                              tmp_path, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    worker = subprocess.Popen(worker_command(url, tmp_path, "--once", "--worker-id", "w1",
+    worker = spawn(worker_command(url, tmp_path, "--once", "--worker-id", "w1",
                                              "--grace", "1"),
                               text=True, env={**os.environ, "AGENT_SLEEP": "30"},
                               stderr=subprocess.PIPE)
@@ -4008,6 +4111,76 @@ def test_worker_reports_with_its_token_so_a_new_lease_under_its_name_stops_it(wo
     assert (held.status, held.worker_id, held.result) == ("working", "w1", None)
 
 
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8080", "ftp://example.com"])
+@pytest.mark.parametrize("command", ["work", "mcp-stdio"])
+def test_a_url_that_is_not_http_exits_2_before_anything(tmp_path, command, url):
+    extra = ["--work-path", str(tmp_path), "--", "cat"] if command == "work" else []
+    result = subprocess.run([sys.executable, str(MODULE), command, "--url", url, *extra],
+                            capture_output=True, text=True, timeout=30, input="")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--url" in result.stderr and "http://" in result.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--url-suffix", "/mcp"], "HTTP 404"),
+    (["--worker-id", ""], "worker_id: must not be empty"),
+])
+def test_worker_whose_claims_are_refused_exits_2_saying_why(worker_server, tmp_path, args, says):
+    url, store = worker_server
+    if args[0] == "--url-suffix":
+        url, args = url + args[1], []
+    status, stderr = run_worker(url, tmp_path, *args)
+    assert status == 2 and says in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-output", "0"], ["--max-output", "-3"], ["--grace", "-5"],
+    ["--max-failures", "-1"], ["--wait", "25"],
+])
+def test_worker_numbers_are_checked_before_anything(tmp_path, args):
+    command = [sys.executable, str(MODULE), "work", "--work-path", str(tmp_path), *args,
+               "--", "cat"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and args[0] in result.stderr
+    assert "choose from" not in result.stderr  # no list of 21 numbers
+
+
+def test_worker_with_a_missing_work_path_exits_2_without_claiming(worker_server, tmp_path):
+    url, store = worker_server
+    missing = tmp_path / "gone"
+    task, _ = store.create({"work_directory": str(missing), "prompt": "p"})
+    status, stderr = run_worker(url, missing)
+    assert status == 2 and "no such directory" in stderr
+    assert store.get(task.id).status == "waiting"
+
+
+@pytest.mark.parametrize("command", ["work", "mcp-stdio"])
+def test_help_shows_the_defaults_but_never_the_key(command):
+    result = subprocess.run([sys.executable, str(MODULE), command, "--help"], text=True,
+                            capture_output=True, timeout=30,
+                            env={**os.environ, "APP_SECURITY_API_KEY": "s3cret-key"})
+    assert result.returncode == 0
+    shown = " ".join(result.stdout.split())
+    assert "s3cret-key" not in shown
+    assert "(default: http://127.0.0.1:8080)" in shown
+    assert "default: None" not in shown and "default: False" not in shown
+
+
+def test_worker_first_ctrl_c_while_waiting_for_work_exits_at_once(worker_server, tmp_path,
+                                                                 spawn):
+    url, store = worker_server
+    worker = spawn(worker_command(url, tmp_path, "--wait", "20"), stderr=subprocess.DEVNULL)
+    wait_until(lambda: store.waiting_claims == 1)
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 0
+    assert time.monotonic() - stopped < 8  # not the rest of the 20 s claim
+    time.sleep(1)  # for the server to see the connection closed
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    wait_until(lambda: store.waiting_claims == 0 and store.get(task.id).status == "waiting")
+    assert (store.get(task.id).worker_id, store.get(task.id).retry_count) == (None, 0)
+
+
 def test_worker_with_a_wrong_key_exits_2(tmp_path):
     config = Config(rate_limit=0, api_key="s3cret")
     with running_server(config) as url:
@@ -4015,12 +4188,12 @@ def test_worker_with_a_wrong_key_exits_2(tmp_path):
     assert status == 2 and "refused the API key" in stderr and "Traceback" not in stderr
 
 
-def test_worker_retries_while_the_server_is_down(tmp_path):
+def test_worker_retries_while_the_server_is_down(tmp_path, spawn):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
-    worker = subprocess.Popen(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE)
+    worker = spawn(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE)
     line = ""
     while "cannot reach" not in line:
         line = worker.stderr.readline()
