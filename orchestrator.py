@@ -1484,6 +1484,25 @@ class _Directory:
 
 
 WORKER_MEMORY = 3600  #: seconds a worker is remembered after it was last seen
+#: Upper bounds, in seconds, of the buckets of the task_wait and task_run histograms.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+
+@dataclass(slots=True)
+class _Histogram:
+    """Durations counted into DURATION_BUCKETS (and one beyond), with their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one duration in the first bucket whose bound it does not exceed."""
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def copy(self) -> _Histogram:
+        """A copy to read once the lock is released."""
+        return _Histogram(list(self.counts), self.total)
 
 
 @dataclass(slots=True)
@@ -1570,6 +1589,14 @@ class TaskStore:
         self._completed_seconds = 0.0  # started -> completed, summed over completed tasks
         self._retries_total = 0
         self._expired_leases_total = 0
+        # For /metrics, counted since this process started (the two above are kept in
+        # the data file, since /statistics shows them).
+        self._created_total = dict.fromkeys(PRIORITIES, 0)
+        self._claimed_total = 0
+        self._finished_total = dict.fromkeys(FINISHED, 0)
+        self._wait_seconds = _Histogram()  # created -> claimed
+        self._run_seconds = {status: _Histogram() for status in FINISHED}  # claimed -> finished
+        self._directories_waiting = 0  # directories with a waiting task
         #: What the current operation changed, to be written to the data file: id -> the
         #: task, or None once deleted.
         self._changed: dict[str, Task | None] = {}
@@ -1641,6 +1668,7 @@ class TaskStore:
             self._tasks[task.id] = task
             self._index(task)
             self._enqueue(task, self._next_sequence())
+            self._created_total[task.priority] += 1
             if idempotency_key is not None:
                 self._idempotency[idempotency_key] = task.id
             self._touch(task)
@@ -1668,6 +1696,8 @@ class TaskStore:
             task.lease_token, task.token_started_at = lease_token, now
             task.started_at = now
             self._lease(task, now)
+            self._claimed_total += 1
+            self._wait_seconds.observe(now - task.created_at)
             events.append(_event("claimed", task))
             return task.snapshot(with_lease_token=True)
 
@@ -1832,6 +1862,24 @@ class TaskStore:
             ),
             "uptime_seconds": round(now - self._started_at, 3),
         }
+
+    def metrics(self) -> dict:
+        """The numbers /metrics shows: counts the store keeps as tasks change, so O(1)."""
+        with self._transaction() as (now, _):
+            return {
+                "tasks": {status: len(self._by_status[status]) for status in STATUSES},
+                "oldest_waiting_age": self._age_of_oldest(self._by_status[WAITING], now) or 0,
+                "directories_waiting": self._directories_waiting,
+                "workers_busy": len(self._holding),  # expired leases were settled above
+                "uptime": now - self._started_at,
+                "created": dict(self._created_total),
+                "claimed": self._claimed_total,
+                "finished": dict(self._finished_total),
+                "retried": self._retries_total,
+                "lease_expirations": self._expired_leases_total,
+                "wait_seconds": self._wait_seconds.copy(),
+                "run_seconds": {status: h.copy() for status, h in self._run_seconds.items()},
+            }
 
     def directories(self) -> list[dict]:
         """Each work directory that has tasks, by name: counts by status, the age of its
@@ -2040,6 +2088,9 @@ class TaskStore:
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
+        self._finished_total[status] += 1
+        if task.status == WORKING:
+            self._run_seconds[status].observe(now - task.started_at)
         task.lease_expires_at = task.lease_token = task.token_started_at = None
         # Before the status: indexing a completed task adds its duration, which
         # needs completed_at.
@@ -2114,6 +2165,7 @@ class TaskStore:
         directory.total += 1
         if task.status == WAITING:
             directory.waiting.add(key)
+            self._directories_waiting += directory.counts[WAITING] == 1
         elif task.status == WORKING:
             directory.holders[task.worker_id] = directory.holders.get(task.worker_id, 0) + 1
             self._holding.setdefault(task.worker_id, set()).add(task.id)
@@ -2129,6 +2181,7 @@ class TaskStore:
         directory.total -= 1
         if task.status == WAITING:
             directory.waiting.remove(key)
+            self._directories_waiting -= directory.counts[WAITING] == 0
         elif task.status == WORKING:
             _count_down(directory.holders, task.worker_id)
             held = self._holding[task.worker_id]
@@ -2444,6 +2497,8 @@ def _apply_error_status(error: OrchestratorError) -> None:
 
 def _serve(
     gate: _Gate,
+    requests: _RequestCounts,
+    route: str,
     handler: Callable[..., object],
     render: Callable[[object], bytes] = _envelope,
     render_error: Callable[[OrchestratorError], bytes] = _error_envelope,
@@ -2452,6 +2507,7 @@ def _serve(
     """Answer one request: the gate, the handler, and the protocol's body for either outcome.
 
     REST answers in the envelope; /mcp passes its own renderers for JSON-RPC.
+    `route` is the path's template, which /metrics counts by.
     """
     started = time.perf_counter()
     try:
@@ -2462,6 +2518,7 @@ def _serve(
     except Exception:
         logger.exception("unexpected error", extra={"method": request.method, "path": request.path})
         body = render_error(OrchestratorError())
+    requests.count(request.method, route, response.status_code)
     logger.info("request", extra={
         "method": request.method,
         "path": request.path,
@@ -2472,7 +2529,7 @@ def _serve(
     return body
 
 
-def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
+def _serve_routing_error(gate: _Gate, requests: _RequestCounts, error: bottle.HTTPError) -> bytes:
     """Bottle's own answers (no such route, wrong method, its last-resort 500) as envelopes."""
     def refuse() -> None:
         if error.status_code == 404:
@@ -2480,7 +2537,40 @@ def _serve_routing_error(gate: _Gate, error: bottle.HTTPError) -> bytes:
         if error.status_code == 405:
             raise MethodNotAllowed(error.headers["Allow"])
         raise OrchestratorError()
-    return _serve(gate, refuse)
+    # A 405 names a real path, which is one of ours; anything else is no route of ours.
+    route = _route_template(request.path) if error.status_code == 405 else "unmatched"
+    return _serve(gate, requests, route, refuse)
+
+
+def _route_template(path: str) -> str:
+    """The template of one of our paths: a task id becomes {task_id}."""
+    return re.sub(TASK_ID.pattern.strip("^$"), "{task_id}", path)
+
+
+class _RequestCounts:
+    """Requests answered, by method, route template and status: for /metrics.
+
+    Every label comes from a short fixed list, never from what a client sent,
+    so that no client can grow the set of series.
+    """
+
+    METHODS = ("GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS")
+
+    def __init__(self) -> None:
+        #: Guards _counts; held for one dict update, never across I/O.
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str, int], int] = {}
+
+    def count(self, method: str, route: str, status: int) -> None:
+        """Count one answered request."""
+        key = (method if method in self.METHODS else "other", route, status)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict[tuple[str, str, int], int]:
+        """The counts so far."""
+        with self._lock:
+            return dict(self._counts)
 
 
 class _Gate:
@@ -2507,6 +2597,9 @@ class _Gate:
         if request.path.startswith("/api/"):
             self._check_browser()
             self.count_request()
+            self._check_api_key()
+        elif request.path == "/metrics":
+            self._check_browser()  # not rate limited: a scraper comes back every few seconds
             self._check_api_key()
         elif request.path == "/mcp":
             # Its rate limit counts tool calls (in the MCP section), and key guesses here.
@@ -2885,6 +2978,85 @@ _ROUTES = (
     _Route("GET", "/api/v1/statistics", _statistics, {"$ref": "#/components/schemas/Statistics"}),
     _Route("GET", "/health", _health, {"$ref": "#/components/schemas/Health"}),
 )
+
+
+# ---------------------------------------------------------------------------
+# /metrics: the queue's numbers in the Prometheus text format (version 0.0.4).
+# Label values come from short fixed lists only, never a directory, worker, tag
+# or task id: those would grow without bound, and a path can be private.
+# ---------------------------------------------------------------------------
+
+def _metrics_text(store: TaskStore, requests: _RequestCounts) -> str:
+    """Every metric family, each with its HELP and TYPE before its samples."""
+    numbers = store.metrics()
+    lines: list[str] = []
+    family = functools.partial(_metric_family, lines)
+    family("tasks", "gauge", "Tasks in the store, by status.",
+           [({"status": status}, count) for status, count in numbers["tasks"].items()])
+    family("oldest_waiting_task_age_seconds", "gauge",
+           "Seconds since the oldest waiting task was created; 0 when none waits.",
+           [({}, numbers["oldest_waiting_age"])])
+    family("work_directories_waiting", "gauge", "Work directories with a waiting task.",
+           [({}, numbers["directories_waiting"])])
+    family("workers_busy", "gauge", "Workers holding an unexpired lease.",
+           [({}, numbers["workers_busy"])])
+    family("build_info", "gauge", "The running version, as a label; always 1.",
+           [({"version": __version__}, 1)])
+    family("uptime_seconds", "gauge", "Seconds since the store started.",
+           [({}, numbers["uptime"])])
+    family("tasks_created_total", "counter", "Tasks created, by priority.",
+           [({"priority": priority}, n) for priority, n in numbers["created"].items()])
+    family("tasks_claimed_total", "counter", "Claims that got a task.",
+           [({}, numbers["claimed"])])
+    family("tasks_finished_total", "counter", "Tasks that became completed, failed or cancelled.",
+           [({"status": status}, n) for status, n in numbers["finished"].items()])
+    family("tasks_retried_total", "counter", "Tasks queued again after a failure, an expired "
+           "lease or a retry (kept in the data file).", [({}, numbers["retried"])])
+    family("lease_expirations_total", "counter",
+           "Leases that expired (kept in the data file).", [({}, numbers["lease_expirations"])])
+    family("http_requests_total", "counter",
+           "Requests answered, by method, route template and status code.",
+           [({"method": method, "route": route, "code": str(code)}, n)
+            for (method, route, code), n in sorted(requests.snapshot().items())])
+    family("task_wait_seconds", "histogram", "Seconds from a task's creation to its claim.",
+           [({}, numbers["wait_seconds"])])
+    family("task_run_seconds", "histogram",
+           "Seconds from a claim to the task's final status, by that status.",
+           [({"status": status}, h) for status, h in numbers["run_seconds"].items()])
+    return "\n".join(lines) + "\n"
+
+
+def _metric_family(lines: list[str], name: str, kind: str, description: str,
+                   samples: list[tuple[dict[str, str], object]]) -> None:
+    """Append one family: its HELP and TYPE, then a line per sample (three kinds for
+    a histogram: its cumulative buckets, its sum and its count)."""
+    name = "orchestrator_" + name
+    lines += [f"# HELP {name} {description}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        if kind != "histogram":
+            lines.append(f"{name}{_metric_labels(labels)} {_metric_number(value)}")
+            continue
+        cumulative = 0
+        for bound, count in zip((*map(float, DURATION_BUCKETS), "+Inf"), value.counts):
+            cumulative += count
+            lines.append(f"{name}_bucket{_metric_labels({**labels, 'le': str(bound)})} "
+                         f"{cumulative}")
+        lines.append(f"{name}_sum{_metric_labels(labels)} {_metric_number(value.total)}")
+        lines.append(f"{name}_count{_metric_labels(labels)} {cumulative}")
+
+
+def _metric_labels(labels: dict[str, str]) -> str:
+    """{name="value",...} with the format's escapes, or nothing for no labels."""
+    if not labels:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+               for value in labels.values())
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(labels, escaped)) + "}"
+
+
+def _metric_number(value: int | float) -> str:
+    """A sample value: integers as they are, other numbers as Python writes floats."""
+    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 # ---------------------------------------------------------------------------
@@ -3410,6 +3582,12 @@ def _render_document(document: bytes) -> bytes:
     return document
 
 
+def _render_metrics(text: str) -> bytes:
+    """The Prometheus text exposition format, version 0.0.4."""
+    response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    return text.encode()
+
+
 def _render_page(page: bytes) -> bytes:
     """The page at /, with the headers that keep it to its own script and this server."""
     response.content_type = "text/html; charset=utf-8"
@@ -3455,6 +3633,18 @@ def _openapi_document() -> dict:
             "200": {"description": "One HTML document with its script and style inline.",
                     "content": {"text/html": {"schema": {"type": "string"}}}},
             **_error_responses([403, 405, 500]),
+        },
+    }}
+    paths["/metrics"] = {"get": {
+        "operationId": "metrics",
+        "summary": "The queue's numbers for Prometheus: tasks by status, throughput, wait and "
+                   "run times, requests. Not rate limited; needs the API key when one is set.",
+        "security": _OPTIONAL_BEARER,
+        "responses": {
+            "200": {"description": "The Prometheus text exposition format, version 0.0.4.",
+                    "content": {"text/plain; version=0.0.4; charset=utf-8": {
+                        "schema": {"type": "string"}}}},
+            **_error_responses([401, 403, 405, 500]),
         },
     }}
     paths["/openapi.json"] = {"get": {
@@ -3670,18 +3860,23 @@ def create_app(config: Config | None = None, store: TaskStore | None = None) -> 
     if store is None:
         store = TaskStore.from_config(config)
     gate = _Gate(config)
+    requests = _RequestCounts()
+    serve = functools.partial(_serve, gate, requests)
     app = bottle.Bottle()
     for route in _ROUTES:
         handler = functools.partial(_call_route, route, store)
-        app.route(_bottle_rule(route.path), route.method, functools.partial(_serve, gate, handler))
+        app.route(_bottle_rule(route.path), route.method, functools.partial(serve, route.path, handler))
     document = _utf8_json(_openapi_document())
     app.route("/openapi.json", "GET",
-              functools.partial(_serve, gate, lambda: document, _render_document))
+              functools.partial(serve, "/openapi.json", lambda: document, _render_document))
     mcp = functools.partial(_answer_mcp, store, gate)
-    app.route("/mcp", "POST", functools.partial(_serve, gate, mcp, _render_rpc, _render_rpc_refusal))
+    app.route("/mcp", "POST",
+              functools.partial(serve, "/mcp", mcp, _render_rpc, _render_rpc_refusal))
+    metrics = functools.partial(_metrics_text, store, requests)
+    app.route("/metrics", "GET", functools.partial(serve, "/metrics", metrics, _render_metrics))
     page = _PAGE.encode()
-    app.route("/", "GET", functools.partial(_serve, gate, lambda: page, _render_page))
-    app.default_error_handler = functools.partial(_serve_routing_error, gate)
+    app.route("/", "GET", functools.partial(serve, "/", lambda: page, _render_page))
+    app.default_error_handler = functools.partial(_serve_routing_error, gate, requests)
     app.install(_WakeWaitersOnClose(store))
     return app
 

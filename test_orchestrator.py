@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2527,6 +2528,112 @@ def test_the_crash_test_catches_a_server_that_acknowledges_before_committing(dat
     assert problems, "a server that answers before its commit lost nothing: the test is blind"
 
 # ---------------------------------------------------------------------------
+# /metrics: the Prometheus text format
+# ---------------------------------------------------------------------------
+
+def scrape(client):
+    """/metrics parsed by Prometheus's own client library: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    res = client.get("/metrics")
+    assert res.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(res.text) for sample in family.samples}
+
+
+def test_metrics_track_the_queue_as_tasks_move(client, store, clock):
+    first, _ = store.create({"work_directory": "/a", "prompt": "p", "priority": "high"})
+    store.create({"work_directory": "/b", "prompt": "p", "priority": "low"})
+    clock.advance(5)
+    held = store.claim("/a", "w1")
+    clock.advance(10)
+    store.complete(held.id)
+    clock.advance(3)
+    seen = scrape(client)
+    assert seen[("orchestrator_tasks", (("status", "waiting"),))] == 1
+    assert seen[("orchestrator_tasks", (("status", "cancelled"),))] == 0  # zeros included
+    assert seen[("orchestrator_tasks_created_total", (("priority", "high"),))] == 1
+    assert seen[("orchestrator_tasks_created_total", (("priority", "medium"),))] == 0
+    assert seen[("orchestrator_tasks_claimed_total", ())] == 1
+    assert seen[("orchestrator_tasks_finished_total", (("status", "completed"),))] == 1
+    assert seen[("orchestrator_oldest_waiting_task_age_seconds", ())] == 18
+    assert seen[("orchestrator_work_directories_waiting", ())] == 1
+    assert seen[("orchestrator_workers_busy", ())] == 0
+    assert seen[("orchestrator_build_info", (("version", orchestrator.__version__),))] == 1
+    assert seen[("orchestrator_task_wait_seconds_count", ())] == 1
+    assert seen[("orchestrator_task_wait_seconds_sum", ())] == 5
+    assert seen[("orchestrator_task_wait_seconds_bucket", (("le", "1.0"),))] == 0
+    assert seen[("orchestrator_task_wait_seconds_bucket", (("le", "5.0"),))] == 1
+    assert seen[("orchestrator_task_wait_seconds_bucket", (("le", "+Inf"),))] == 1
+    run = (("status", "completed"),)
+    assert seen[("orchestrator_task_run_seconds_sum", run)] == 10
+    assert seen[("orchestrator_task_run_seconds_bucket", (("le", "15.0"), *run))] == 1
+    store.claim("/b", "w2")
+    clock.advance(61)  # its lease expires
+    after = scrape(client)
+    assert after[("orchestrator_lease_expirations_total", ())] == 1
+    assert after[("orchestrator_tasks_retried_total", ())] == 1
+    assert after[("orchestrator_workers_busy", ())] == 0
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # WebTest's lint, on BREW
+def test_metrics_count_requests_by_route_template_never_by_raw_path(client, make_task):
+    task = make_task()
+    client.get(task_url(task))
+    client.get(f"/api/v1/tasks/{uuid.uuid4()}", status=404)
+    client.get("/no/such/path", status=404)
+    client.request("/api/v1/statistics", method="BREW", status=405)
+    text = client.get("/metrics").text
+    seen = scrape(client)
+    route = "/api/v1/tasks/{task_id}"
+    assert seen[("orchestrator_http_requests_total",
+                 (("code", "200"), ("method", "GET"), ("route", route)))] == 1
+    assert seen[("orchestrator_http_requests_total",
+                 (("code", "404"), ("method", "GET"), ("route", route)))] == 1
+    assert seen[("orchestrator_http_requests_total",
+                 (("code", "404"), ("method", "GET"), ("route", "unmatched")))] == 1
+    assert ("orchestrator_http_requests_total",
+            (("code", "405"), ("method", "other"), ("route", "/api/v1/statistics"))) in seen
+    assert task["id"] not in text and "/no/such/path" not in text and "BREW" not in text
+
+
+def test_metrics_follow_the_exposition_rules(client, make_task):
+    make_task()
+    text = client.get("/metrics").text
+    assert text.endswith("\n")
+    families = re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE)
+    assert len(families) == len({name for name, _ in families}) == 14
+    for name, kind in families:
+        assert f"# HELP {name} " in text
+        assert name.endswith("_total") == (kind == "counter")
+        first_sample = re.search(f"^{name}[{{ _]", text, re.MULTILINE).start()
+        assert text.index(f"# TYPE {name} ") < first_sample
+    for labels in re.findall(r"\{([^}]*)\}", text):
+        assert all(re.fullmatch(r'[a-z_]+="[^"\\\n]*"', pair) for pair in labels.split(","))
+
+
+def test_metrics_need_the_key_obey_the_host_rule_and_are_not_rate_limited(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=1, api_key="s3cret"), store))
+    client.get("/metrics", status=401)
+    bearer = {"Authorization": "Bearer s3cret"}
+    for _ in range(3):
+        client.get("/metrics", headers=bearer)
+    client.get("/metrics", headers={**bearer, "Host": "evil.example"}, status=403)
+
+
+def test_promtool_accepts_the_metrics(client, make_task, claim):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("needs promtool, from Debian's prometheus package: "
+                    "apt-get install prometheus (.ci/run installs it)")
+    make_task()
+    claim()
+    client.get("/api/v1/tasks")
+    result = subprocess.run([promtool, "check", "metrics"], input=client.get("/metrics").text,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
 
@@ -3549,13 +3656,13 @@ def test_each_operation_documents_the_statuses_it_can_answer(document, method, p
     assert present <= statuses and not absent & statuses
 
 
-def test_the_bearer_scheme_covers_the_api_and_mcp_only(document):
+def test_the_bearer_scheme_covers_the_api_mcp_and_metrics_only(document):
     scheme = document["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert "only when" in scheme["description"]
     for method, path in operations(document):
         secured = "security" in document["paths"][path][method.lower()]
-        assert secured == (path.startswith("/api/") or path == "/mcp"), path
+        assert secured == (path.startswith("/api/") or path in ("/mcp", "/metrics")), path
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/health"])
@@ -3704,7 +3811,7 @@ def test_a_task_found_for_a_claimant_that_hung_up_goes_straight_back(live_url, l
                     b"Host: 127.0.0.1\r\n\r\n")
     wait_until(lambda: live_store.waiting_claims == 1)
     hung_up.close()  # as a worker stopped by Ctrl-C in the middle of its claim
-    time.sleep(1)  # for the server to see the connection closed
+    get_json(live_url + "/health")  # a round trip after the close: the server has seen it
     task, _ = live_store.create({"work_directory": "/gone", "prompt": "p"})
     wait_until(lambda: live_store.waiting_claims == 0
                and live_store.get(task.id).status == "waiting")
@@ -4175,7 +4282,7 @@ def test_worker_first_ctrl_c_while_waiting_for_work_exits_at_once(worker_server,
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 0
     assert time.monotonic() - stopped < 8  # not the rest of the 20 s claim
-    time.sleep(1)  # for the server to see the connection closed
+    get_json(url + "/health")  # a round trip after the close: the server has seen it
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
     wait_until(lambda: store.waiting_claims == 0 and store.get(task.id).status == "waiting")
     assert (store.get(task.id).worker_id, store.get(task.id).retry_count) == (None, 0)
