@@ -92,12 +92,15 @@ except ImportError:  # Windows, which locks files through msvcrt instead
 __all__ = [
     # the task's statuses and priorities
     "STATUSES", "WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED", "FINISHED", "PRIORITIES",
+    "CANCELLABLE", "RETRYABLE",
     # the request declarations: bodies and queries, and the fields they share
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
-    "TASK_RETRY", "TASK_RELEASE", "RESULT", "CLAIM_QUERY", "LIST_QUERY", "WORK_DIRECTORY",
-    "TASK_BULK", "TASK_FILTERS", "BULK_LIMIT",
-    "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA", "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN",
-    "REPORTER", "TASK_ID", "IDEMPOTENCY_KEY", "IDEMPOTENCY_HEADER",
+    "TASK_RETRY", "TASK_RELEASE", "TASK_BULK", "RESULT", "CLAIM_QUERY", "LIST_QUERY",
+    "TASK_FILTERS", "WORK_DIRECTORY", "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA",
+    "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
+    "IDEMPOTENCY_HEADER",
+    # the store's limits
+    "BULK_LIMIT", "WORKER_MEMORY", "DURATION_BUCKETS",
     # the service
     "Config",
     "Field",
@@ -132,6 +135,10 @@ logger = logging.getLogger("orchestrator")
 # Configuration
 # ---------------------------------------------------------------------------
 
+#: Where the client commands (work, mcp-stdio) find the server unless told otherwise.
+_DEFAULT_URL = "http://127.0.0.1:8080"
+
+
 def _integer(low: int, high: int) -> Callable[[str], int]:
     """A parser for a whole number from low to high."""
     def parse(raw: str) -> int:
@@ -159,6 +166,26 @@ def _switch(raw: str) -> bool:
     if word not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
         raise ValueError("on or off")
     return word in ("on", "true", "yes", "1")
+
+
+def _seconds(raw: str) -> float:
+    """A parser for a number of seconds, 0 or more."""
+    rule = "a number of seconds, 0 or more"
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(rule) from None
+    if not 0 <= seconds < math.inf:
+        raise ValueError(rule)
+    return seconds
+
+
+def _http_url(raw: str) -> str:
+    """A parser for an http:// or https:// URL, which is all the client commands can reach."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"an http:// or https:// URL such as {_DEFAULT_URL}, not {raw!r}")
+    return raw
 
 
 def _text(raw: str) -> str:
@@ -266,7 +293,8 @@ class Config:
     task_timeout: int = 3600
     retention: int = 604_800
     directory_concurrency: int = 0  #: working tasks one directory may have at once; 0: any
-    #: Whether complete and fail may name neither worker_id nor lease_token (the seed's API).
+    #: Whether complete and fail may name neither worker_id nor lease_token, as clients from
+    #: before lease tokens do.
     anonymous_reports: bool = True
     data_file: str | None = None  #: the SQLite file that keeps the tasks; None: memory only
     data_sync: str = "full"  #: "full" survives power loss; "normal" only a crash of the process
@@ -676,10 +704,10 @@ class Schema:
             raise _invalid(prefix + first, f"is required (or {' or '.join(others)})")
         return cleaned
 
-    def json_schema(self, any_of: bool = True) -> dict:
+    def json_schema(self, top_level_any_of: bool = True) -> dict:
         """The body as a closed JSON Schema object: declared fields only.
 
-        `one_of` becomes an anyOf of required fields unless `any_of` is False:
+        `one_of` becomes an anyOf of required fields unless `top_level_any_of` is False:
         some MCP clients refuse anyOf at the top of a tool's input schema.
         """
         schema: dict[str, object] = {
@@ -692,7 +720,7 @@ class Schema:
             schema["required"] = required
         if self.min_fields:
             schema["minProperties"] = self.min_fields
-        if self.one_of and any_of:
+        if self.one_of and top_level_any_of:
             schema["anyOf"] = [{"required": [name]} for name in self.one_of]
         return schema
 
@@ -786,7 +814,7 @@ LEASE_TOKEN = Field(
                 "claim's lease holds, so a late report can never touch a later holder's task.",
 )
 #: A report names who makes it: its lease's token (exact) or its worker id (a name only).
-REPORTER = ("lease_token", "worker_id")
+REPORTER_FIELDS = ("lease_token", "worker_id")
 TASK_ID = Field(
     "task_id", "string", required=True,
     pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
@@ -809,8 +837,9 @@ RESULT = Schema("TaskResult", (
 
 TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES))
 TASK_UPDATE = TASK_CREATE.partial("TaskUpdate")
-# complete and fail may be anonymous while APP_TASK_ANONYMOUS_REPORTS is on (the seed's
-# clients send neither field); `_signed` is the same body once a reporter is required.
+# complete and fail may be anonymous while APP_TASK_ANONYMOUS_REPORTS is on (clients
+# from before lease tokens send neither field); `_reporter_required` makes a body that
+# needs one.
 TASK_COMPLETE = Schema("TaskComplete", (
     dataclasses.replace(PROMPT, name="original_prompt", required=False,
                         description="When given, must equal the task's prompt."),
@@ -832,8 +861,8 @@ TASK_HEARTBEAT = Schema("TaskHeartbeat", (
     Field("progress", "string", max_length=4000,
           description="How far the task has got, e.g. the last lines of the agent's output; "
                       "kept on the task as progress, with progress_at."),
-), one_of=REPORTER)
-TASK_RELEASE = Schema("TaskRelease", (LEASE_TOKEN, WORKER_ID), one_of=REPORTER)
+), one_of=REPORTER_FIELDS)
+TASK_RELEASE = Schema("TaskRelease", (LEASE_TOKEN, WORKER_ID), one_of=REPORTER_FIELDS)
 TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
 TASK_RETRY = Schema("TaskRetry", ())
 CLAIM_QUERY = Schema("ClaimQuery", (
@@ -871,9 +900,9 @@ TASK_BULK = Schema("TaskBulk", (
 ))
 
 
-def _signed(schema: Schema) -> Schema:
+def _reporter_required(schema: Schema) -> Schema:
     """The same body with a reporter required: a lease_token or a worker_id."""
-    return dataclasses.replace(schema, one_of=REPORTER)
+    return dataclasses.replace(schema, one_of=REPORTER_FIELDS)
 
 
 def _nullable(schema: dict) -> dict:
@@ -1688,7 +1717,7 @@ class TaskStore:
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
                 task, now = self._wait_for(query["work_path"], query["wait"], events)
-            self._seen(query["worker_id"], now)
+            self._note_worker(query["worker_id"], now)
             if task is None:
                 return None
             task.worker_id = query["worker_id"]  # before the status: the holder is indexed too
@@ -1703,15 +1732,16 @@ class TaskStore:
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
-        values = self._reports(TASK_COMPLETE).clean(fields or {})
+        values = self._report_body(TASK_COMPLETE).clean(fields or {})
         result = values.get("result") or RESULT.clean({})
         with self._transaction() as (now, events):
             task = self._held(task_id, values)
             if values.get("original_prompt", task.prompt) != task.prompt:
                 raise Conflict("original_prompt does not match the task's prompt")
             task.result = result
-            self._seen(task.worker_id, now, FAILED if result["status"] == "failure" else COMPLETED)
-            if result["status"] == "failure":
+            outcome = FAILED if result["status"] == "failure" else COMPLETED
+            self._note_worker(task.worker_id, now, outcome)
+            if outcome == FAILED:
                 message = result["output"] or "the worker reported a failure"
                 self._fail(task, message, True, now, events)
             else:
@@ -1721,10 +1751,10 @@ class TaskStore:
 
     def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Record the holder's failure: re-queued while retries are left, else failed."""
-        values = self._reports(TASK_FAIL).clean(fields)
+        values = self._report_body(TASK_FAIL).clean(fields)
         with self._transaction() as (now, events):
             task = self._held(task_id, values)
-            self._seen(task.worker_id, now, FAILED)
+            self._note_worker(task.worker_id, now, FAILED)
             self._fail(task, values["error"], values["retry"], now, events)
             return task.snapshot()
 
@@ -1733,7 +1763,7 @@ class TaskStore:
         values = TASK_HEARTBEAT.clean(fields)
         with self._transaction() as (now, _):
             task = self._held(task_id, values)
-            self._seen(task.worker_id, now)
+            self._note_worker(task.worker_id, now)
             self._lease(task, now)
             task.updated_at = now
             if "progress" in values:
@@ -1750,7 +1780,7 @@ class TaskStore:
         with self._transaction() as (now, events):
             task = self._held(task_id, values)
             holder = task.worker_id
-            self._seen(holder, now)
+            self._note_worker(holder, now)
             # A negative place goes before every task that entered the queue normally.
             self._requeue(task, now, place=-self._next_sequence())
             events.append(_event("released", task, worker_id=holder))
@@ -1813,9 +1843,7 @@ class TaskStore:
     def delete(self, task_id: str) -> None:
         """Remove a task in any state."""
         with self._transaction() as (_, events):
-            task = self._find(task_id)
-            self._remove(task)
-            events.append(_event("deleted", task))
+            self._delete(self._find(task_id), events)
 
     def list(self, filters: Mapping[str, object] | None = None) -> dict:
         """A page of tasks, newest first: {"tasks", "total", "limit", "offset", "has_more"}.
@@ -1826,13 +1854,11 @@ class TaskStore:
         query = LIST_QUERY.clean(filters or {})
         limit, offset = query.pop("limit"), query.pop("offset")
         with self._transaction():
-            newest, total = self._newest(query.pop("status", None))
-            if query:
-                matching = [task for task in newest if _matches(task, query)]
+            matching, total = self._matching(query)
+            if total is None:
+                matching = list(matching)
                 total = len(matching)
-                page = matching[offset:offset + limit]
-            else:
-                page = list(itertools.islice(newest, offset, offset + limit))
+            page = list(itertools.islice(matching, offset, offset + limit))
             tasks = [task.snapshot() for task in page]
         return {
             "tasks": tasks,
@@ -1885,25 +1911,20 @@ class TaskStore:
         """Each work directory that has tasks, by name: counts by status, the age of its
         oldest waiting task, the workers holding its tasks. O(directories), never a scan."""
         with self._transaction() as (now, _):
-            return [{
-                "work_directory": name,
-                "counts": dict(directory.counts),
-                "oldest_waiting_age_seconds": self._age_of_oldest(directory.waiting, now),
-                "workers": sorted(directory.holders),
-            } for name, directory in sorted(self._directories.items())]
+            seen = [(name, dict(directory.counts), self._age_of_oldest(directory.waiting, now),
+                     list(directory.holders)) for name, directory in self._directories.items()]
+        return [{"work_directory": name, "counts": counts, "oldest_waiting_age_seconds": age,
+                 "workers": sorted(holders)} for name, counts, age, holders in sorted(seen)]
 
     def workers(self) -> list[dict]:
-        """The workers seen in the last hour, most recent first: when, what they hold, and
-        how many tasks they completed and failed."""
-        with self._transaction() as (now, _):
-            self._forget_workers(now)
-            return [{
-                "worker_id": worker_id,
-                "last_seen": _rfc3339(record.last_seen),
-                "holding": sorted(self._holding.get(worker_id, ())),
-                "completed": record.completed,
-                "failed": record.failed,
-            } for worker_id, record in reversed(self._workers.items())]
+        """The workers seen in the last WORKER_MEMORY seconds, most recent first: when, what
+        they hold, and how many tasks they completed and failed."""
+        with self._transaction():
+            seen = [(worker_id, dataclasses.replace(record), list(self._holding.get(worker_id, ())))
+                    for worker_id, record in reversed(self._workers.items())]
+        return [{"worker_id": worker_id, "last_seen": _rfc3339(record.last_seen),
+                 "holding": sorted(holding), "completed": record.completed,
+                 "failed": record.failed} for worker_id, record, holding in seen]
 
     def bulk(self, fields: Mapping[str, object]) -> dict:
         """Retry, cancel or delete up to BULK_LIMIT tasks that match a (non-empty) filter.
@@ -1914,12 +1935,10 @@ class TaskStore:
         values = TASK_BULK.clean(fields)
         action, query = values["action"], values["filter"]
         with self._transaction() as (now, events):
-            newest, _ = self._newest(query.pop("status", None))
-            matching = list(itertools.islice(
-                (task for task in newest if _matches(task, query)), BULK_LIMIT + 1))
+            matching = list(itertools.islice(self._matching(query)[0], BULK_LIMIT + 1))
             changed = 0
             for task in matching[:BULK_LIMIT]:
-                changed += self._apply(action, task, now, events)
+                changed += self._bulk_one(action, task, now, events)
         return {"action": action, "changed": changed,
                 "skipped": min(len(matching), BULK_LIMIT) - changed,
                 "more": len(matching) > BULK_LIMIT}
@@ -1976,7 +1995,8 @@ class TaskStore:
         return self._journal.record(tasks, deleted, counters)
 
     def _settle(self, now: float, events: list[dict]) -> None:
-        """Fail the leases that expired, then drop finished tasks past retention."""
+        """Fail the leases that expired, drop finished tasks past retention, forget
+        workers unseen for WORKER_MEMORY seconds."""
         for deadline, task_id in _pop_due(self._leases, now):
             task = self._tasks.get(task_id)
             if task is not None and task.status == WORKING and task.lease_expires_at == deadline:
@@ -1989,6 +2009,7 @@ class TaskStore:
                 if task is not None and task.status in FINISHED and task.completed_at == finished_at:
                     self._remove(task)
                     events.append(_event("dropped after retention", task))
+        self._forget_workers(now)
 
     def _wait_for(self, directory: str, seconds: float, events: list[dict]) -> tuple[Task | None, float]:
         """Sleep until a task of the directory can be claimed or `seconds` pass (lock held).
@@ -2019,6 +2040,14 @@ class TaskStore:
 
     # -- reading and changing many (lock held) ----------------------------------
 
+    def _matching(self, query: dict) -> tuple[Iterator[Task], int | None]:
+        """The tasks that pass the filters, newest first, and how many when that is known
+        without a scan (no filters but status)."""
+        newest, total = self._newest(query.pop("status", None))
+        if not query:
+            return newest, total
+        return (task for task in newest if _matches(task, query)), None
+
     def _newest(self, status: str | None) -> tuple[Iterator[Task], int]:
         """The tasks with one of the comma-separated statuses (any, for None), newest first,
         and how many."""
@@ -2035,11 +2064,10 @@ class TaskStore:
         oldest = waiting.first()
         return None if oldest is None else round(now - self._tasks[oldest[1]].created_at, 3)
 
-    def _apply(self, action: str, task: Task, now: float, events: list[dict]) -> bool:
+    def _bulk_one(self, action: str, task: Task, now: float, events: list[dict]) -> bool:
         """One task's part of a bulk action; False when its state forbids it."""
         if action == "delete":
-            self._remove(task)
-            events.append(_event("deleted", task))
+            self._delete(task, events)
         elif action == "cancel" and task.status in CANCELLABLE:
             self._cancel(task, None, now, events)
         elif action == "retry" and task.status in RETRYABLE:
@@ -2061,6 +2089,11 @@ class TaskStore:
         else:
             self._finish(task, FAILED, now)
             events.append(_event("failed", task, error=_shorten(message)))
+
+    def _delete(self, task: Task, events: list[dict]) -> None:
+        """A task removed, in any state."""
+        self._remove(task)
+        events.append(_event("deleted", task))
 
     def _cancel(self, task: Task, reason: str | None, now: float, events: list[dict]) -> None:
         """A waiting or working task stopped for good; the reason, if any, as its error."""
@@ -2123,7 +2156,7 @@ class TaskStore:
         if self._journal is not None:
             self._changed[task.id] = None
 
-    def _seen(self, worker_id: str, now: float, outcome: str | None = None) -> None:
+    def _note_worker(self, worker_id: str, now: float, outcome: str | None = None) -> None:
         """Note a worker's claim or report (and a report's outcome); forget the stale ones."""
         record = self._workers.pop(worker_id, None) or _WorkerRecord(now)
         record.last_seen = now
@@ -2132,13 +2165,14 @@ class TaskStore:
         elif outcome == FAILED:
             record.failed += 1
         self._workers[worker_id] = record  # now the most recently seen
-        self._forget_workers(now)
+        if len(self._workers) > self.max_workers:
+            self._workers.popitem(last=False)
 
     def _forget_workers(self, now: float) -> None:
-        """Drop workers unseen for an hour, and the least recent beyond max_workers."""
+        """Drop the workers unseen for WORKER_MEMORY seconds."""
         while self._workers:
             oldest = next(iter(self._workers.values()))
-            if oldest.last_seen > now - WORKER_MEMORY and len(self._workers) <= self.max_workers:
+            if oldest.last_seen > now - WORKER_MEMORY:
                 break
             self._workers.popitem(last=False)
 
@@ -2282,9 +2316,9 @@ class TaskStore:
             raise NotFound(f"task {_shorten(task_id)} not found")
         return task
 
-    def _reports(self, body: Schema) -> Schema:
+    def _report_body(self, body: Schema) -> Schema:
         """A complete or fail body as this store takes it: anonymous, or naming its reporter."""
-        return body if self.anonymous_reports else _signed(body)
+        return body if self.anonymous_reports else _reporter_required(body)
 
     def _held(self, task_id: str, reporter: Mapping[str, object]) -> Task:
         """The working task a report is about, held by the reporter it names; Conflict otherwise.
@@ -2805,20 +2839,25 @@ def _create_task(store: TaskStore, fields: dict) -> dict:
 
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
     """Claim the next waiting task of a directory, with its lease token; null when none waits."""
-    task = store.claim(**fields)
     response.set_header("Cache-Control", "no-store")  # it may carry a lease token
-    if task is not None and _client_hung_up():
-        # It waited, then left (a worker stopped by Ctrl-C): no one would ever get this
-        # answer, so the task goes straight back, first in line, no retry used.
-        store.release(task.id, {"lease_token": task.lease_token})
+    task = store.claim(**fields)
+    if task is None or _handed_back_if_gone(store, task):
         return None
-    return None if task is None else {**task.to_dict(), "lease_token": task.lease_token}
+    return {**task.to_dict(), "lease_token": task.lease_token}
 
 
-def _client_hung_up() -> bool:
-    """Whether the client of the current request has closed its connection (waitress only)."""
+def _handed_back_if_gone(store: TaskStore, task: Task) -> bool:
+    """Release a just-claimed task if its claimant has hung up; whether it did.
+
+    A long-poll claimant may leave while it waits (a worker stopped by Ctrl-C):
+    no one would ever read this answer, so the task goes straight back, first in
+    line, no retry used. Waitress sees a hang-up only with request lookahead on.
+    """
     hung_up = request.environ.get("waitress.client_disconnected")
-    return hung_up is not None and hung_up()
+    if hung_up is None or not hung_up():
+        return False
+    store.release(task.id, {"lease_token": task.lease_token})
+    return True
 
 
 def _complete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -2874,7 +2913,7 @@ def _list_tasks(store: TaskStore, fields: dict) -> dict:
 
 
 def _bulk(store: TaskStore, fields: dict) -> dict:
-    """Retry, cancel or delete up to 1,000 tasks that match a filter."""
+    """Retry, cancel or delete up to BULK_LIMIT tasks that match a filter."""
     return store.bulk(fields)
 
 
@@ -2884,7 +2923,8 @@ def _directories(store: TaskStore, fields: dict) -> dict:
 
 
 def _workers(store: TaskStore, fields: dict) -> dict:
-    """The workers seen in the last hour: when, what they hold, how their tasks went."""
+    """The workers seen in the last WORKER_MEMORY seconds: when, what they hold, how their
+    tasks went."""
     return {"workers": store.workers()}
 
 
@@ -3140,56 +3180,32 @@ _HEALTH_SCHEMA = {
     "required": ["status", "version", "uptime_seconds", "tasks"],
     "additionalProperties": False,
 }
-_COUNTS_BY_STATUS = {
-    "type": "object",
-    "properties": {status: _COUNT for status in STATUSES},
-    "required": list(STATUSES),
-    "additionalProperties": False,
-}
-_DIRECTORIES_SCHEMA = {
-    "type": "object",
-    "properties": {"directories": {"type": "array", "items": {
-        "type": "object",
-        "properties": {
-            "work_directory": {"type": "string"},
-            "counts": _COUNTS_BY_STATUS,
-            "oldest_waiting_age_seconds": {"type": ["number", "null"], "minimum": 0},
-            "workers": {"type": "array", "items": {"type": "string"}},
-        },
-        "required": ["work_directory", "counts", "oldest_waiting_age_seconds", "workers"],
-        "additionalProperties": False,
-    }}},
-    "required": ["directories"],
-    "additionalProperties": False,
-}
-_WORKERS_SCHEMA = {
-    "type": "object",
-    "properties": {"workers": {"type": "array", "items": {
-        "type": "object",
-        "properties": {
-            "worker_id": {"type": "string"},
-            "last_seen": _TIMESTAMP,
-            "holding": {"type": "array", "items": {"type": "string", "format": "uuid"}},
-            "completed": _COUNT,
-            "failed": _COUNT,
-        },
-        "required": ["worker_id", "last_seen", "holding", "completed", "failed"],
-        "additionalProperties": False,
-    }}},
-    "required": ["workers"],
-    "additionalProperties": False,
-}
-_BULK_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "action": TASK_BULK.field("action").json_schema(),
-        "changed": _COUNT,
-        "skipped": _COUNT,
-        "more": {"type": "boolean", "description": "More tasks match: call again."},
-    },
-    "required": ["action", "changed", "skipped", "more"],
-    "additionalProperties": False,
-}
+def _closed(properties: dict) -> dict:
+    """An object schema whose every property is required and nothing else allowed."""
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+_COUNTS_BY_STATUS = _closed({status: _COUNT for status in STATUSES})
+_DIRECTORIES_SCHEMA = _closed({"directories": {"type": "array", "items": _closed({
+    "work_directory": {"type": "string"},
+    "counts": _COUNTS_BY_STATUS,
+    "oldest_waiting_age_seconds": {"type": ["number", "null"], "minimum": 0},
+    "workers": {"type": "array", "items": {"type": "string"}},
+})}})
+_WORKERS_SCHEMA = _closed({"workers": {"type": "array", "items": _closed({
+    "worker_id": {"type": "string"},
+    "last_seen": _TIMESTAMP,
+    "holding": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+    "completed": _COUNT,
+    "failed": _COUNT,
+})}})
+_BULK_SCHEMA = _closed({
+    "action": TASK_BULK.field("action").json_schema(),
+    "changed": _COUNT,
+    "skipped": _COUNT,
+    "more": {"type": "boolean", "description": "More tasks match: call again."},
+})
 _DELETED_SCHEMA = {
     "type": "object",
     "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
@@ -3315,7 +3331,7 @@ class _Tool:
             "name": self.name,
             "title": self.title,
             "description": self.description,
-            "inputSchema": self.arguments.json_schema(any_of=False),
+            "inputSchema": self.arguments.json_schema(top_level_any_of=False),
             "outputSchema": self.output,
             "annotations": {"title": self.title, **self.hints},
         }
@@ -3367,13 +3383,13 @@ _TOOLS = {tool.name: tool for tool in (
     _Tool("complete_task", "Complete a task",
           "Report a task you hold as done, with its result. A result status of \"failure\" "
           "counts as a failed attempt." + _PASS_THE_TOKEN,
-          _with_task_id("complete_task", _signed(TASK_COMPLETE)), _TASK_SCHEMA,
+          _with_task_id("complete_task", _reporter_required(TASK_COMPLETE)), _TASK_SCHEMA,
           _through_rest(_complete_task), _IDEMPOTENT),
     _Tool("fail_task", "Fail a task",
           "Report that a task you hold failed. It is queued again while retries are left "
           "(unless retry is false), else it becomes failed." + _PASS_THE_TOKEN,
-          _with_task_id("fail_task", _signed(TASK_FAIL)), _TASK_SCHEMA, _through_rest(_fail_task),
-          _ADDITIVE),
+          _with_task_id("fail_task", _reporter_required(TASK_FAIL)), _TASK_SCHEMA,
+          _through_rest(_fail_task), _ADDITIVE),
     _Tool("heartbeat_task", "Extend a lease",
           "Extend your lease on a task you hold, so that a long run keeps it; progress (optional) "
           "says how far you have got, for whoever watches the queue." + _PASS_THE_TOKEN,
@@ -4072,6 +4088,7 @@ class _HelpWithDefaults(argparse.HelpFormatter):
     """--help that shows each option's default, where it has one worth showing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
+        """The option's help, with its default unless that is None or False."""
         if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
@@ -4087,24 +4104,9 @@ def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
     return check
 
 
-def _seconds(raw: str) -> float:
-    """A parser for a number of seconds, 0 or more."""
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < math.inf:
-        raise ValueError("a number of seconds, 0 or more")
-    return seconds
-
-
-def _http_url(raw: str) -> str:
-    """An argparse type: an http:// or https:// URL, which is all urllib here can reach."""
-    parts = urllib.parse.urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise argparse.ArgumentTypeError(
-            f"must be an http:// or https:// URL such as http://127.0.0.1:8080, not {raw!r}")
-    return raw
+def _default_worker_id() -> str:
+    """HOST-PID: unique on a machine, and says where a worker runs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _api_key(flag: str | None) -> str | None:
@@ -4123,7 +4125,7 @@ def _main_mcp_stdio(argv: list[str]) -> int:
                     "messages; logs go to stderr. Exits when stdin closes.",
         formatter_class=_HelpWithDefaults,
     )
-    parser.add_argument("--url", type=_http_url, default="http://127.0.0.1:8080",
+    parser.add_argument("--url", type=_flag(_http_url), default=_DEFAULT_URL,
                         help="the orchestrator, or its /mcp address")
     parser.add_argument("--token", help="API key to send as a bearer token "
                                         "(default: $APP_SECURITY_API_KEY)")
@@ -4246,24 +4248,27 @@ def _main_work(argv: list[str]) -> int:
                "stopped by a second Ctrl-C.",
         formatter_class=_HelpWithDefaults,
     )
-    parser.add_argument("--url", type=_http_url, default="http://127.0.0.1:8080",
+    default = {item.name: item.default for item in dataclasses.fields(_WorkerSettings)}
+    parser.add_argument("--url", type=_flag(_http_url), default=_DEFAULT_URL,
                         help="the orchestrator's base URL")
     parser.add_argument("--work-path", required=True, metavar="DIR",
                         help="the directory whose tasks to take")
     parser.add_argument("--worker-id", help="how this worker is named in the queue "
                                             "(default: HOST-PID)")
     parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
-    parser.add_argument("--wait", type=_flag(_integer(0, 20)), default=20, metavar="0-20",
+    parser.add_argument("--wait", type=_flag(_integer(0, 20)), default=default["wait"],
+                        metavar="0-20",
                         help="seconds each claim waits for a task")
     parser.add_argument("--once", action="store_true",
                         help="handle one task (or none, if none comes within --wait), then exit")
-    parser.add_argument("--max-output", type=_flag(_integer(1, 2**31 - 1)), default=65536,
-                        metavar="BYTES", help="how much of the end of the command's output "
+    parser.add_argument("--max-output", type=_flag(_integer(1, 2**31 - 1)),
+                        default=default["max_output"], metavar="BYTES", help="how much of the end of the command's output "
                                               "to report")
-    parser.add_argument("--max-failures", type=_flag(_integer(0, 1_000_000)), default=3,
-                        metavar="N", help="stop (exit status 3) after N tasks failed in a row; "
+    parser.add_argument("--max-failures", type=_flag(_integer(0, 1_000_000)),
+                        default=default["max_failures"], metavar="N", help="stop (exit status 3) after N tasks failed in a row; "
                                           "0: never")
-    parser.add_argument("--grace", type=_flag(_seconds), default=10, metavar="SECONDS",
+    parser.add_argument("--grace", type=_flag(_seconds), default=default["grace"],
+                        metavar="SECONDS",
                         help="how long a stopped command has after SIGTERM, before SIGKILL")
     parser.add_argument("--quiet", action="store_true",
                         help="do not show the command's output as it comes")
@@ -4283,8 +4288,7 @@ def _main_work(argv: list[str]) -> int:
         return 2
     settings = _WorkerSettings(
         work_path=work_path,
-        worker_id=args.worker_id if args.worker_id is not None
-        else f"{socket.gethostname()}-{os.getpid()}",
+        worker_id=args.worker_id if args.worker_id is not None else _default_worker_id(),
         command=command, wait=args.wait, once=args.once, max_output=args.max_output,
         max_failures=args.max_failures, grace=args.grace, quiet=args.quiet,
     )
@@ -4447,6 +4451,7 @@ class _Worker:
         answer = self._request("GET", f"/api/v1/tasks/next?{query}", None, claiming=True,
                                timeout=self.settings.wait + 15)
         if answer is None:
+            logger.warning("stopping; no task was in hand")
             return None
         status, envelope = answer
         if status != 200:  # a wrong --url or --worker-id: asking again cannot help
@@ -4524,7 +4529,6 @@ class _Worker:
                 event = self._events.get(
                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                logger.warning("stopping; no task was in hand")
                 return None
             if event[0] == "interrupt" and abandon_on_interrupt and deadline is None:
                 deadline = time.monotonic() + 1.0
@@ -4757,7 +4761,6 @@ def _why_lease_ended(status: int, envelope: dict) -> str:
 def _parse_rfc3339(text: str) -> float:
     """Epoch seconds from the API's timestamps."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
 
 
 # ---------------------------------------------------------------------------
