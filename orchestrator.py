@@ -4892,16 +4892,7 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
   <section aria-labelledby="glance-title">
     <h2 id="glance-title">At a glance</h2>
     <div id="glance">
-      <button type="button" class="stat" data-status="waiting" title="Show waiting tasks">
-        <b class="waiting">–</b>waiting</button>
-      <button type="button" class="stat" data-status="working" title="Show working tasks">
-        <b class="working">–</b>working</button>
-      <button type="button" class="stat" data-status="completed" title="Show completed tasks">
-        <b class="completed">–</b>completed</button>
-      <button type="button" class="stat" data-status="failed" title="Show failed tasks">
-        <b class="failed">–</b>failed</button>
-      <button type="button" class="stat" data-status="cancelled" title="Show cancelled tasks">
-        <b class="cancelled">–</b>cancelled</button>
+      <!-- a button per status comes first, made by buildStatusControls -->
       <div class="stat"><b id="oldest-waiting">–</b>oldest waiting</div>
       <div class="stat"><b id="busy-workers">–</b>workers busy</div>
     </div>
@@ -4925,13 +4916,9 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
   <section aria-labelledby="tasks-title">
     <h2 id="tasks-title">Tasks</h2>
     <form class="filters" id="filters">
-      <fieldset>
+      <fieldset id="status-filter">
         <legend>Status</legend>
-        <label><input type="checkbox" name="status" value="waiting"> waiting</label>
-        <label><input type="checkbox" name="status" value="working"> working</label>
-        <label><input type="checkbox" name="status" value="completed"> completed</label>
-        <label><input type="checkbox" name="status" value="failed"> failed</label>
-        <label><input type="checkbox" name="status" value="cancelled"> cancelled</label>
+        <!-- a checkbox per status, made by buildStatusControls -->
       </fieldset>
       <label>Directory <input name="work_directory" list="directory-names" placeholder="any"></label>
       <label>Priority
@@ -4982,7 +4969,7 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
     <h2 id="detail-title">Task</h2>
     <span class="spacer"></span>
     <span class="actions" id="detail-actions"></span>
-    <button type="button" id="detail-close">Close</button>
+    <button type="button" id="detail-close" autofocus>Close</button>
   </div>
   <div id="detail-body"></div>
 </dialog>
@@ -4990,8 +4977,7 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
 <dialog id="key-dialog" aria-labelledby="key-title">
   <form id="key-form" method="dialog">
     <h2 id="key-title">API key</h2>
-    <p id="key-why">This server needs its API key (APP_SECURITY_API_KEY). It is kept in this
-      tab only, until the tab closes.</p>
+    <p id="key-why"></p>
     <label>Key <input name="key" type="password" autocomplete="off" required></label>
     <button type="submit">Use this key</button>
   </form>
@@ -5000,12 +4986,19 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
 <script>
 "use strict";
 // Every piece of task text is written by agents: it only ever goes into the page as
-// text (textContent, text nodes), never as HTML.
+// text (text nodes made by el), never as HTML.
 
 const REFRESH_MS = 2000;
 const PAGE_SIZE = 50;
 const STATUSES = ["waiting", "working", "completed", "failed", "cancelled"];
+// Which actions a status allows: the API's rules, so that no button is offered in vain.
+const CANCELLABLE = ["waiting", "working"];
+const RETRYABLE = ["failed", "cancelled"];
+const FINISHED = ["completed", "failed", "cancelled"];
 const KEY_STORAGE = "orchestrator-api-key";
+const KEY_NEEDED = "This server needs its API key (APP_SECURITY_API_KEY). It is kept in " +
+                   "this tab only, until the tab closes.";
+const KEY_REFUSED = "That key was refused. Enter the server's API key (APP_SECURITY_API_KEY).";
 
 const state = {
   paused: false,
@@ -5013,7 +5006,8 @@ const state = {
   openTaskId: null,
   key: sessionStorage.getItem(KEY_STORAGE),
   keyRequest: null,  // the pending "ask for the key", shared by every refused request
-  timer: null,
+  refreshTimer: null,
+  typingTimer: null,
   refreshFailed: false,
 };
 
@@ -5036,18 +5030,21 @@ function el(tag, props, ...children) {
   return node;
 }
 
-function ago(iso) {
-  if (!iso) return "";
-  const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
-  return span(seconds) + (seconds >= 0 ? " ago" : " from now");
-}
-
-function span(seconds) {
+function duration(seconds) {
   const s = Math.abs(seconds);
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min`;
   if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
+function ageText(seconds) {
+  return seconds === null ? "—" : duration(Math.round(seconds));
+}
+
+function ago(iso) {
+  const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
+  return duration(seconds) + (seconds >= 0 ? " ago" : " from now");
 }
 
 function when(iso) {
@@ -5066,9 +5063,16 @@ function say(text, isError) {
   message.className = isError ? "error" : "";
 }
 
-// -- talking to the REST API ----------------------------------------------------
+function buildStatusControls() {
+  byId("glance").prepend(...STATUSES.map((status) => el("button", {
+    type: "button", class: "stat", "data-status": status, title: `Show ${status} tasks`,
+    onclick: () => filterBy({status: [status]}),
+  }, el("b", {class: status}, "–"), status)));
+  byId("status-filter").append(...STATUSES.map((status) => el("label", {},
+    el("input", {type: "checkbox", name: "status", value: status}), " " + status)));
+}
 
-class ApiError extends Error {}
+// -- talking to the REST API ----------------------------------------------------
 
 async function api(method, path, body) {
   const headers = {"Accept": "application/json"};
@@ -5086,7 +5090,7 @@ async function api(method, path, body) {
   try { envelope = await answer.json(); } catch (ignored) { /* not JSON: say the status */ }
   if (!envelope || !envelope.success) {
     const error = envelope && envelope.error;
-    throw new ApiError(error ? `${error.code}: ${error.message}` : `HTTP ${answer.status}`);
+    throw new Error(error ? `${error.code}: ${error.message}` : `HTTP ${answer.status}`);
   }
   return envelope.data;
 }
@@ -5096,10 +5100,7 @@ function askForKey(refused) {
   if (!state.keyRequest) {
     state.keyRequest = new Promise((resolve) => {
       const dialog = byId("key-dialog");
-      byId("key-why").textContent = refused
-        ? "That key was refused. Enter the server's API key (APP_SECURITY_API_KEY)."
-        : "This server needs its API key (APP_SECURITY_API_KEY). It is kept in this tab " +
-          "only, until the tab closes.";
+      byId("key-why").textContent = refused ? KEY_REFUSED : KEY_NEEDED;
       dialog.addEventListener("close", () => {
         state.key = byId("key-form").elements.key.value.trim() || null;
         if (state.key) sessionStorage.setItem(KEY_STORAGE, state.key);
@@ -5146,17 +5147,17 @@ function filterBy(changes) {
   byId("tasks-title").scrollIntoView({block: "start", behavior: "smooth"});
 }
 
-// -- rendering ----------------------------------------------------------------
-
-// The page refreshes every 2 s. A part is rebuilt only when its data has changed, so
+// -- rendering: one function per panel ---------------------------------------------
+// The page refreshes every 2 s. A panel is rebuilt only when its data has changed, so
 // that a button is not replaced under the pointer or the keyboard focus; ages tick on
-// in place (see tickAges).
+// in place (tickAges).
+
 const shown = {};
 
-function changed(part, data) {
+function changed(panel, data) {
   const key = JSON.stringify(data);
-  if (shown[part] === key) return false;
-  shown[part] = key;
+  if (shown[panel] === key) return false;
+  shown[panel] = key;
   return true;
 }
 
@@ -5170,30 +5171,21 @@ function renderGlance(stats, directories, workers) {
   for (const status of STATUSES) {
     document.querySelector(`.stat[data-status=${status}] b`).textContent = stats[status + "_tasks"];
   }
-  const oldest = Math.max(-1, ...directories.map((d) => d.oldest_waiting_age_seconds ?? -1));
-  byId("oldest-waiting").textContent = oldest < 0 ? "—" : span(Math.round(oldest));
+  const ages = directories.map((d) => d.oldest_waiting_age_seconds).filter((age) => age !== null);
+  byId("oldest-waiting").textContent = ages.length ? ageText(Math.max(...ages)) : "—";
   byId("busy-workers").textContent =
     workers.filter((worker) => worker.holding.length > 0).length;
 }
 
-function renderDirectories(directories) {
-  // Ages change every second: they are written in place, and do not count as a change.
-  const ages = directories.map((d) => d.oldest_waiting_age_seconds === null ? "—"
-                                      : span(Math.round(d.oldest_waiting_age_seconds)));
-  if (!changed("directories", directories.map((d) => ({...d, oldest_waiting_age_seconds: 0})))) {
-    byId("directories").querySelectorAll("td.age").forEach((cell, i) => {
-      cell.textContent = ages[i];
-    });
-    return;
-  }
-  const rows = directories.map((d, i) => el("tr", {},
+function directoryRow(d) {
+  return el("tr", {},
     el("td", {}, el("button", {type: "button", class: "link", title: "Show this directory's tasks",
                                onclick: () => filterBy({work_directory: d.work_directory})},
                     d.work_directory)),
     el("td", {class: "number waiting", "data-label": "Waiting"}, d.counts.waiting),
     el("td", {class: "number working", "data-label": "Working"}, d.counts.working),
     el("td", {class: "number failed", "data-label": "Failed"}, d.counts.failed),
-    el("td", {class: "age", "data-label": "Oldest waiting"}, ages[i]),
+    el("td", {class: "age", "data-label": "Oldest waiting"}, ageText(d.oldest_waiting_age_seconds)),
     el("td", {"data-label": "Workers"}, d.workers.join(", ") || "—"),
     el("td", {}, el("span", {class: "actions"},
       d.counts.failed ? el("button", {type: "button", onclick: () => bulk(d, "retry", "failed")},
@@ -5201,24 +5193,39 @@ function renderDirectories(directories) {
       d.counts.waiting ? el("button", {type: "button", class: "danger",
                                        onclick: () => bulk(d, "cancel", "waiting")},
                             `Cancel all waiting (${d.counts.waiting})`) : null)),
-  ));
-  if (!rows.length) {
-    rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No tasks yet.")));
+  );
+}
+
+function renderDirectories(directories) {
+  // Ages change every second: they are written in place, and do not count as a change.
+  if (!changed("directories", directories.map((d) => ({...d, oldest_waiting_age_seconds: 0})))) {
+    byId("directories").querySelectorAll("td.age").forEach((cell, i) => {
+      cell.textContent = ageText(directories[i].oldest_waiting_age_seconds);
+    });
+    return;
   }
+  const rows = directories.map(directoryRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No tasks yet.")));
   byId("directories").replaceChildren(...rows);
+}
+
+function renderDirectoryNames(directories) {
+  if (!changed("directory-names", directories.map((d) => d.work_directory))) return;
   byId("directory-names").replaceChildren(
     ...directories.map((d) => el("option", {value: d.work_directory})));
 }
 
-function renderTasks(page) {
-  if (!changed("tasks", [page, state.openTaskId])) return;
-  const focused = document.activeElement && document.activeElement.dataset.taskId;
-  const rows = page.tasks.map((task) => el("tr", {
+function openOnEnter(event, taskId) {
+  if (event.key !== "Enter" && event.key !== " ") return;
+  event.preventDefault();
+  openTask(taskId);
+}
+
+function taskRow(task) {
+  return el("tr", {
     class: "task" + (task.id === state.openTaskId ? " selected" : ""), tabindex: 0,
     "data-task-id": task.id, "aria-label": `${task.status} task: ${task.prompt.slice(0, 60)}`,
-    onclick: () => openTask(task.id),
-    onkeydown: (event) => { if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault(); openTask(task.id); } },
+    onclick: () => openTask(task.id), onkeydown: (event) => openOnEnter(event, task.id),
   },
     el("td", {}, badge(task.status)),
     el("td", {"data-label": "Priority"}, task.priority),
@@ -5227,10 +5234,14 @@ function renderTasks(page) {
     el("td", {class: "prompt", title: task.prompt.slice(0, 500)}, task.prompt.slice(0, 120)),
     el("td", {"data-label": "Worker"}, task.worker_id || "—"),
     el("td", {class: "number", "data-label": "Retries"}, `${task.retry_count}/${task.max_retries}`),
-  ));
-  if (!rows.length) {
-    rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No task matches.")));
-  }
+  );
+}
+
+function renderTasks(page) {
+  if (!changed("tasks", [page, state.openTaskId])) return;
+  const focused = document.activeElement && document.activeElement.dataset.taskId;
+  const rows = page.tasks.map(taskRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: 7, class: "muted"}, "No task matches.")));
   byId("tasks").replaceChildren(...rows);
   if (focused) {
     const again = byId("tasks").querySelector(`tr[data-task-id="${CSS.escape(focused)}"]`);
@@ -5242,18 +5253,15 @@ function renderTasks(page) {
   byId("older").disabled = !page.has_more;
 }
 
-function renderDetail(task) {
-  if (!changed("detail", task)) return;
-  byId("detail-title").textContent = "Task " + task.id;
-  const leaseLeft = task.lease_expires_at ? Date.parse(task.lease_expires_at) - Date.now() : null;
+function detailFacts(task) {
+  const expired = task.lease_expires_at && Date.parse(task.lease_expires_at) <= Date.now();
   const facts = [
     ["Status", badge(task.status)],
     ["Priority", task.priority],
     ["Directory", task.work_directory],
     ["Worker", task.worker_id || "—"],
-    ["Lease expires", task.lease_expires_at === null ? "—" : leaseLeft <= 0
-      ? el("span", {class: "expired"}, "expired ", when(task.lease_expires_at))
-      : when(task.lease_expires_at)],
+    ["Lease expires", expired ? el("span", {class: "expired"}, "expired ", when(task.lease_expires_at))
+                              : when(task.lease_expires_at)],
     ["Retries", `${task.retry_count} of ${task.max_retries}`],
     ["Created", when(task.created_at)],
     ["Started", when(task.started_at)],
@@ -5261,31 +5269,49 @@ function renderDetail(task) {
     ["Updated", when(task.updated_at)],
     ["Tags", task.tags.join(", ") || "—"],
   ];
-  const blocks = [
+  return el("dl", {}, facts.map(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
+}
+
+function detailTexts(task) {
+  const texts = [
     ["Progress", task.progress && `${task.progress}\n(${ago(task.progress_at)})`],
     ["Prompt", task.prompt],
     ["Error", task.error_message],
     ["Result output", task.result && task.result.output],
     ["Metadata", Object.keys(task.metadata).length ? JSON.stringify(task.metadata, null, 2) : null],
   ];
-  byId("detail-body").replaceChildren(
-    el("dl", {}, facts.map(([name, value]) => [el("dt", {}, name), el("dd", {}, value)])),
-    ...blocks.filter(([, text]) => text).flatMap(([name, text]) => [el("h3", {}, name),
-                                                                     el("pre", {}, text)]),
-  );
-  const actions = [];
-  if (task.status === "waiting" || task.status === "working") {
-    actions.push(el("button", {type: "button", class: "danger",
-                               onclick: () => act(task, "cancel")}, "Cancel"));
-  }
-  if (task.status === "failed" || task.status === "cancelled") {
-    actions.push(el("button", {type: "button", onclick: () => act(task, "retry")}, "Retry"));
-  }
-  if (["completed", "failed", "cancelled"].includes(task.status)) {
-    actions.push(el("button", {type: "button", class: "danger",
-                               onclick: () => act(task, "delete")}, "Delete"));
-  }
-  byId("detail-actions").replaceChildren(...actions);
+  return texts.filter(([, text]) => text).map(([name, text]) => [el("h3", {}, name),
+                                                                 el("pre", {}, text)]);
+}
+
+function detailActions(task) {
+  return [
+    CANCELLABLE.includes(task.status) ? el("button", {type: "button", class: "danger",
+      onclick: () => act(task, "cancel")}, "Cancel") : null,
+    RETRYABLE.includes(task.status) ? el("button", {type: "button",
+      onclick: () => act(task, "retry")}, "Retry") : null,
+    FINISHED.includes(task.status) ? el("button", {type: "button", class: "danger",
+      onclick: () => act(task, "delete")}, "Delete") : null,
+  ].filter(Boolean);
+}
+
+function renderDetail(task) {
+  if (!changed("detail", task)) return;
+  byId("detail-title").textContent = "Task " + task.id;
+  byId("detail-body").replaceChildren(detailFacts(task), ...detailTexts(task).flat());
+  byId("detail-actions").replaceChildren(...detailActions(task));
+}
+
+function renderDetailError(message) {
+  delete shown.detail;
+  byId("detail-body").replaceChildren(el("p", {}, message));
+  byId("detail-actions").replaceChildren();
+}
+
+function renderUpdated() {
+  const now = new Date();
+  byId("updated").textContent = "updated " + now.toLocaleTimeString();
+  byId("updated").title = now.toISOString();
 }
 
 // -- refreshing -----------------------------------------------------------------
@@ -5302,13 +5328,11 @@ async function refresh() {
     ]);
     renderGlance(stats, directories.directories, workers.workers);
     renderDirectories(directories.directories);
+    renderDirectoryNames(directories.directories);
     renderTasks(page);
     if (state.openTaskId) await refreshDetail();
     tickAges();
-    const now = new Date();
-    const updated = byId("updated");
-    updated.textContent = "updated " + now.toLocaleTimeString();
-    updated.title = now.toISOString();
+    renderUpdated();
     if (state.refreshFailed) say("");  // the trouble is over; an action's message stays
     state.refreshFailed = false;
   } catch (error) {
@@ -5321,15 +5345,13 @@ async function refreshDetail() {
   try {
     renderDetail(await api("GET", `/api/v1/tasks/${state.openTaskId}`));
   } catch (error) {
-    delete shown.detail;
-    byId("detail-body").replaceChildren(el("p", {}, error.message));
-    byId("detail-actions").replaceChildren();
+    renderDetailError(error.message);
   }
 }
 
 function loop() {
-  clearTimeout(state.timer);
-  refresh().finally(() => { state.timer = setTimeout(loop, REFRESH_MS); });
+  clearTimeout(state.refreshTimer);
+  refresh().finally(() => { state.refreshTimer = setTimeout(loop, REFRESH_MS); });
 }
 
 // -- actions (each one a REST call, so every rule of the API applies) -----------------
@@ -5363,12 +5385,12 @@ async function bulk(directory, action, status) {
       !confirm(`Cancel all ${count} waiting tasks in ${directory.work_directory}?`)) return;
   const body = {action, filter: {work_directory: directory.work_directory, status}};
   try {
-    let changed = 0, answer;
-    do {
+    let total = 0, answer;
+    do {  // one call changes a bounded number of tasks
       answer = await api("POST", "/api/v1/tasks/bulk", body);
-      changed += answer.changed;
+      total += answer.changed;
     } while (answer.more && answer.changed > 0);
-    say(`${directory.work_directory}: ${action === "retry" ? "retried" : "cancelled"} ${changed}.`);
+    say(`${directory.work_directory}: ${action === "retry" ? "retried" : "cancelled"} ${total}.`);
   } catch (error) {
     say(error.message, true);
   }
@@ -5394,34 +5416,41 @@ async function addTask(event) {
   refresh();
 }
 
-// -- wiring -----------------------------------------------------------------------
-
-let typing = null;
-byId("filters").addEventListener("input", () => {
-  clearTimeout(typing);  // wait for a pause in typing before asking again
-  typing = setTimeout(() => { state.offset = 0; refresh(); }, 300);
-});
-byId("filters").addEventListener("reset", () => setTimeout(() => filterBy({}), 0));
-byId("filters").addEventListener("submit", (event) => event.preventDefault());
-byId("add").addEventListener("submit", addTask);
-byId("newer").addEventListener("click", () => {
-  state.offset = Math.max(0, state.offset - PAGE_SIZE); refresh(); });
-byId("older").addEventListener("click", () => { state.offset += PAGE_SIZE; refresh(); });
-byId("pause").addEventListener("click", () => {
+function togglePause() {
   state.paused = !state.paused;
   byId("pause").setAttribute("aria-pressed", String(state.paused));
   byId("pause").textContent = state.paused ? "Resume refresh" : "Pause refresh";
   if (!state.paused) loop();
-});
-byId("detail-close").addEventListener("click", () => byId("detail").close());
-for (const card of document.querySelectorAll(".stat[data-status]")) {
-  card.addEventListener("click", () => filterBy({status: [card.dataset.status]}));
 }
-byId("detail").addEventListener("close", () => {
+
+function showPage(step) {
+  state.offset = Math.max(0, state.offset + step * PAGE_SIZE);
+  refresh();
+}
+
+function filtersChanged() {
+  clearTimeout(state.typingTimer);  // wait for a pause in typing before asking again
+  state.typingTimer = setTimeout(() => { state.offset = 0; refresh(); }, 300);
+}
+
+function detailClosed() {
   state.openTaskId = null;
   delete shown.detail;
   for (const row of document.querySelectorAll("tr.selected")) row.classList.remove("selected");
-});
+}
+
+// -- wiring -----------------------------------------------------------------------
+
+buildStatusControls();
+byId("filters").addEventListener("input", filtersChanged);
+byId("filters").addEventListener("reset", () => setTimeout(filtersChanged, 0));
+byId("filters").addEventListener("submit", (event) => event.preventDefault());
+byId("add").addEventListener("submit", addTask);
+byId("newer").addEventListener("click", () => showPage(-1));
+byId("older").addEventListener("click", () => showPage(1));
+byId("pause").addEventListener("click", togglePause);
+byId("detail-close").addEventListener("click", () => byId("detail").close());
+byId("detail").addEventListener("close", detailClosed);
 document.addEventListener("visibilitychange", () => { if (!document.hidden) loop(); });
 loop();
 </script>
