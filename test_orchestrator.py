@@ -712,6 +712,7 @@ REPORTS = [("complete", {}), ("fail", {"error": "late"}), ("heartbeat", {}), ("r
 
 
 def lease_over(res):
+    """Assert that a report was refused because its lease is over."""
     assert res.json["error"]["code"] == "CONFLICT"
     assert "this lease is over" in res.json["error"]["message"]
 
@@ -1227,6 +1228,7 @@ def test_list_searches_prompt_error_and_output_in_any_case(client, make_task, cl
 
 
 def directories(client):
+    """GET /api/v1/directories, by directory."""
     return {d["work_directory"]: d for d in
             client.get("/api/v1/directories").json["data"]["directories"]}
 
@@ -1299,6 +1301,7 @@ def test_directories_always_agree_with_a_scan_of_the_tasks(clock):
 
 
 def workers(client):
+    """GET /api/v1/workers, by worker id, most recently seen first."""
     return {w["worker_id"]: w for w in client.get("/api/v1/workers").json["data"]["workers"]}
 
 
@@ -1368,11 +1371,11 @@ def test_bulk_skips_tasks_whose_state_forbids_the_action(client, make_task, clai
 def test_bulk_changes_at_most_a_thousand_tasks_a_call(clock):
     store = TaskStore(clock=clock)
     client = webtest.TestApp(create_app(Config(rate_limit=0), store))
-    for _ in range(1001):
+    for _ in range(orchestrator.BULK_LIMIT + 1):
         store.create({"work_directory": "/r", "prompt": "p"})
     body = {"action": "cancel", "filter": {"status": "waiting"}}
     first = client.post_json("/api/v1/tasks/bulk", body).json["data"]
-    assert (first["changed"], first["more"]) == (1000, True)
+    assert (first["changed"], first["more"]) == (orchestrator.BULK_LIMIT, True)
     second = client.post_json("/api/v1/tasks/bulk", body).json["data"]
     assert (second["changed"], second["more"]) == (1, False)
 
@@ -3482,13 +3485,13 @@ def test_mcp_stdio_takes_the_base_url_like_work_does(live_url, suffix):
     assert status == 0 and json.loads(replies[0]) == {"jsonrpc": "2.0", "id": 1, "result": {}}
 
 
-@pytest.mark.parametrize("given, address", [
-    ("http://h:1", "http://h:1/mcp"), ("http://h:1/", "http://h:1/mcp"),
-    ("http://h/orch", "http://h/orch/mcp"), ("http://h/orch/", "http://h/orch/mcp"),
-    ("http://h/orch/mcp", "http://h/orch/mcp"), ("http://h/mcp/", "http://h/mcp"),
+@pytest.mark.parametrize("suffix, posted_to", [
+    ("/orch", "/orch/mcp"), ("/orch/", "/orch/mcp"), ("/orch/mcp", "/orch/mcp"),
+    ("/orch/mcp/", "/orch/mcp"),
 ])
-def test_mcp_stdio_finds_the_mcp_address_under_any_base_url(given, address):
-    assert orchestrator._mcp_address(given) == address
+def test_mcp_stdio_adds_mcp_to_a_base_url_with_a_path(live_url, suffix, posted_to):
+    _, replies, _ = run_relay(live_url + suffix, ['{"jsonrpc": "2.0", "id": 1, "method": "ping"}'])
+    assert f"from {live_url}{posted_to}:" in json.loads(replies[0])["error"]["message"]
 
 
 def test_mcp_stdio_turns_an_answer_that_is_not_json_rpc_into_an_error(live_url):
@@ -3949,6 +3952,15 @@ def worker_command(url, work_path, *args, agent=("-c", AGENT)):
             "--wait", "0", *args, "--", sys.executable, *agent]
 
 
+def read_until(stream, text):
+    """Read lines until one contains the text; that line. Fails if the stream ends first."""
+    while True:
+        line = stream.readline()
+        assert line, f"the stream ended before {text!r}"
+        if text in line:
+            return line
+
+
 def run_worker(url, work_path, *args, env=None, agent=("-c", AGENT)):
     result = subprocess.run(worker_command(url, work_path, "--once", *args, agent=agent),
                             capture_output=True, text=True, timeout=30,
@@ -4005,7 +4017,7 @@ def test_worker_stops_the_command_when_the_lease_is_lost(worker_server, tmp_path
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
     worker = spawn(worker_command(url, tmp_path, "--once"), text=True,
-                              env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
+                   env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).status == "working")
     store.delete(task.id)  # its next heartbeat is refused
     assert worker.wait(timeout=10) == 0
@@ -4077,7 +4089,7 @@ def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path, s
     url, store = worker_server  # 2 s leases: a heartbeat every 2/3 s
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
     worker = spawn(worker_command(url, tmp_path, "--once", "--grace", "1"), text=True,
-                              env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
+                   env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).status == "working")
     cancelled = time.monotonic()
     store.cancel(task.id)
@@ -4092,7 +4104,7 @@ def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path, spa
     agent = ("-c", "import os, time; print('step one', flush=True)\n"
                    "while not os.path.exists('go'): time.sleep(0.02)")
     worker = spawn(worker_command(url, tmp_path, "--once", agent=agent), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).progress == "step one")
     (tmp_path / "go").touch()
     stdout, _ = worker.communicate(timeout=20)
@@ -4104,10 +4116,13 @@ def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_pat
     url, store = worker_server
     first, _ = store.create({"work_directory": str(tmp_path), "prompt": "one"})
     second, _ = store.create({"work_directory": str(tmp_path), "prompt": "two"})
-    worker = spawn(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE,
-                              env={**os.environ, "AGENT_SLEEP": "0.5"})
+    until_go = ("-c", "import os, time\nwhile not os.path.exists('go'): time.sleep(0.02)")
+    worker = spawn(worker_command(url, tmp_path, agent=until_go), text=True,
+                   stderr=subprocess.PIPE)
     wait_until(lambda: store.get(first.id).status == "working")
     worker.send_signal(signal.SIGINT)
+    read_until(worker.stderr, "stopping after this task")
+    (tmp_path / "go").touch()
     assert worker.wait(timeout=10) == 0
     assert store.get(first.id).status == "completed"
     assert store.get(second.id).status == "waiting"  # no new claim after Ctrl-C
@@ -4123,11 +4138,10 @@ def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(
     agent = ("-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                    "time.sleep(30)")
     worker = spawn(worker_command(url, tmp_path, agent=agent), text=True,
-                              stderr=subprocess.PIPE)
+                   stderr=subprocess.PIPE)
     wait_until(lambda: pid_file.exists() and pid_file.read_text())
     worker.send_signal(signal.SIGINT)
-    while "press Ctrl-C again" not in worker.stderr.readline():
-        pass
+    read_until(worker.stderr, "press Ctrl-C again")
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 130
     handed_back = store.get(task.id)
@@ -4205,10 +4219,8 @@ def test_worker_reports_with_its_token_so_a_new_lease_under_its_name_stops_it(wo
                                                                               tmp_path, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    worker = spawn(worker_command(url, tmp_path, "--once", "--worker-id", "w1",
-                                             "--grace", "1"),
-                              text=True, env={**os.environ, "AGENT_SLEEP": "30"},
-                              stderr=subprocess.PIPE)
+    worker = spawn(worker_command(url, tmp_path, "--once", "--worker-id", "w1", "--grace", "1"),
+                   text=True, env={**os.environ, "AGENT_SLEEP": "30"}, stderr=subprocess.PIPE)
     wait_until(lambda: store.get(task.id).status == "working")
     store.release(task.id, {"worker_id": "w1"})
     assert store.claim(str(tmp_path), "w1").id == task.id  # the same name, a new lease
@@ -4228,15 +4240,14 @@ def test_a_url_that_is_not_http_exits_2_before_anything(tmp_path, command, url):
     assert "--url" in result.stderr and "http://" in result.stderr
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--url-suffix", "/mcp"], "HTTP 404"),
-    (["--worker-id", ""], "worker_id: must not be empty"),
+@pytest.mark.parametrize("url_suffix, args, says", [
+    ("/mcp", [], "HTTP 404"),
+    ("", ["--worker-id", ""], "worker_id: must not be empty"),
 ])
-def test_worker_whose_claims_are_refused_exits_2_saying_why(worker_server, tmp_path, args, says):
+def test_worker_whose_claims_are_refused_exits_2_saying_why(worker_server, tmp_path, url_suffix,
+                                                            args, says):
     url, store = worker_server
-    if args[0] == "--url-suffix":
-        url, args = url + args[1], []
-    status, stderr = run_worker(url, tmp_path, *args)
+    status, stderr = run_worker(url + url_suffix, tmp_path, *args)
     assert status == 2 and says in stderr and "Traceback" not in stderr
 
 
@@ -4301,11 +4312,7 @@ def test_worker_retries_while_the_server_is_down(tmp_path, spawn):
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
     worker = spawn(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE)
-    line = ""
-    while "cannot reach" not in line:
-        line = worker.stderr.readline()
-        assert line, "the worker ended without saying why"
-    assert "retrying in 1 s" in line
+    assert "retrying in 1 s" in read_until(worker.stderr, "cannot reach")
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 0
     assert "Traceback" not in worker.stderr.read()
@@ -4377,10 +4384,12 @@ def open_page(browser, url):
 
 
 def css(browser, selector):
+    """The first element a selector matches (for typing into a form, which never re-renders)."""
     return browser.find_element("css selector", selector)
 
 
 def all_css(browser, selector):
+    """Every element a selector matches."""
     return browser.find_elements("css selector", selector)
 
 
@@ -4407,14 +4416,19 @@ def test_the_page_loads_without_console_errors_and_counts_what_statistics_count(
     assert errors == []
 
 
+def submit_task_form(browser, **fields):
+    """Type into the add-a-task form's fields, then submit it."""
+    form = css(browser, "#add")
+    for name, text in fields.items():
+        form.find_element("name", name).send_keys(text)
+    form.find_element("css selector", "button[type=submit]").click()
+
+
 def test_a_task_added_through_the_form_appears(browser, page_server):
     url, store = page_server
     open_page(browser, url)
-    form = css(browser, "#add")
-    form.find_element("name", "work_directory").send_keys("/home/me/project")
-    form.find_element("name", "prompt").send_keys("Add a --verbose flag")
-    form.find_element("name", "tags").send_keys("cli, urgent")
-    form.find_element("css selector", "button[type=submit]").click()
+    submit_task_form(browser, work_directory="/home/me/project", prompt="Add a --verbose flag",
+                     tags="cli, urgent")
     browser_wait(browser, lambda: len(store) == 1 and len(task_rows(browser)) == 1)
     task = store.list()["tasks"][0]
     assert (task.prompt, task.tags, task.work_directory) == (
@@ -4424,15 +4438,13 @@ def test_a_task_added_through_the_form_appears(browser, page_server):
 def test_a_bad_task_from_the_form_shows_the_apis_message(browser, page_server):
     url, store = page_server
     open_page(browser, url)
-    form = css(browser, "#add")
-    form.find_element("name", "work_directory").send_keys("relative/path")
-    form.find_element("name", "prompt").send_keys("p")
-    form.find_element("css selector", "button[type=submit]").click()
+    submit_task_form(browser, work_directory="relative/path", prompt="p")
     browser_wait(browser, lambda: "work_directory" in css(browser, "#message").text)
     assert len(store) == 0
 
 
 def detail_buttons(browser):
+    """The labels of the action buttons in a task's detail."""
     return texts(browser, "#detail-actions button")
 
 
