@@ -63,6 +63,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -3990,15 +3991,21 @@ def running_server(config: Config | None = None, app: bottle.Bottle | None = Non
             store.close()
 
 
+def _program() -> str:
+    """How the user started us: `orchestrator` once installed, else `orchestrator.py`."""
+    name = os.path.basename(sys.argv[0])
+    return name if name.startswith("orchestrator") else "orchestrator.py"
+
+
 def _argument_parser() -> argparse.ArgumentParser:
     """The command line's flags; each overrides its environment variable."""
     parser = argparse.ArgumentParser(
-        prog="orchestrator.py",
+        prog=_program(),
         description="Serve the task orchestrator's REST API and MCP endpoint. Settings come "
                     "from APP_* environment variables (see README.md); these flags override them.",
-        epilog="Other commands: 'orchestrator.py work' (run an agent on each task of a "
-               "directory) and 'orchestrator.py mcp-stdio' (relay an MCP stdio client to "
-               "/mcp); each takes --help.",
+        epilog="Other commands, each with its --help: work (run an agent on each task of a "
+               "directory); add, ls, show, cancel, retry, rm, stats, dirs, workers (the queue "
+               "from a terminal); mcp-stdio (relay an MCP stdio client to /mcp).",
     )
     parser.add_argument("--host", help="listen address (APP_SERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="listen port, 0 for any free one "
@@ -4017,6 +4024,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"mcp-stdio": _main_mcp_stdio, "work": _main_work}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
+    if argv and argv[0] in _CLIENT_COMMANDS:
+        return _main_client(argv[0], argv[1:])
     return _main_serve(argv)
 
 
@@ -4028,18 +4037,18 @@ def _main_serve(argv: list[str]) -> int:
                                               threads=args.threads, data_file=args.data_file)
         store = TaskStore.from_config(config)
     except ConfigError as error:
-        print(f"orchestrator.py: {error}", file=sys.stderr)
+        print(f"{_program()}: {error}", file=sys.stderr)
         return 2
     try:
         server = _Server(create_app(config, store), config)
     except OSError as error:
         store.close()
-        print(f"orchestrator.py: cannot listen on {config.host}:{config.port}: {error.strerror}",
+        print(f"{_program()}: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 1
     except ValueError:  # waitress could not resolve the host
         store.close()
-        print(f"orchestrator.py: APP_SERVER_HOST (or --host) must be an address or a name of "
+        print(f"{_program()}: APP_SERVER_HOST (or --host) must be an address or a name of "
               f"this machine, not {config.host!r}", file=sys.stderr)
         return 2
     _configure_logging(config)
@@ -4084,12 +4093,14 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+# -- talking to a running server: shared by every client command ---------------
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """--help that shows each option's default, where it has one worth showing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         """The option's help, with its default unless that is None or False."""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -4104,14 +4115,330 @@ def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
     return check
 
 
-def _default_worker_id() -> str:
-    """HOST-PID: unique on a machine, and says where a worker runs."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def _api_key(flag: str | None) -> str | None:
     """--token, else APP_SECURITY_API_KEY; read here, so that --help never shows it."""
     return flag if flag is not None else os.environ.get("APP_SECURITY_API_KEY")
+
+
+def _http_exchange(method: str, url: str, body: bytes | None, headers: dict[str, str],
+                   timeout: float) -> tuple[int, bytes]:
+    """One HTTP request: (status, body), error statuses included; OSError when unreachable."""
+    outgoing = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(outgoing, timeout=timeout) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class _Refused(Exception):
+    """The server refused the API key (401): retrying cannot help."""
+
+
+class _ApiClient:
+    """The REST API as the client commands use it: JSON bodies in, (status, envelope) out."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30,
+             extra_headers: Mapping[str, str] | None = None) -> tuple[int, dict]:
+        """One request; raises _Refused on a 401 and OSError when the server is unreachable."""
+        headers = {"Accept": "application/json", **(extra_headers or {})}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        status, raw = _http_exchange(method, self.url + path, data, headers, timeout)
+        if status == 401:
+            raise _Refused("the server refused the API key (401): pass --token or set "
+                           "APP_SECURITY_API_KEY")
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            envelope = {"error": {"message": raw[:200].decode("utf-8", "replace")}}
+        return status, envelope
+
+
+def _error_message(envelope: dict, status: int) -> str:
+    """The envelope's error message, or the bare status."""
+    error = envelope.get("error") or {}
+    return error.get("message") or f"HTTP {status}"
+
+
+# -- add, ls, show, cancel, retry, rm, stats, dirs, workers: the queue from a terminal
+
+class _CommandFailed(Exception):
+    """A client command cannot go on: the message to print, and the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientCommand:
+    """One client command: what --help says, its own flags, what it asks the API, how it
+    prints the answer (unless --json)."""
+
+    description: str
+    flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[_ApiClient, argparse.Namespace], object]
+    show: Callable[[object], str]
+
+
+def _main_client(name: str, argv: list[str]) -> int:
+    """Run one client command: 0 done, 1 the API refused, 2 a usage error or no server."""
+    command = _CLIENT_COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"{_program()} {name}",
+                                     description=command.description,
+                                     formatter_class=_HelpWithDefaults)
+    parser.add_argument("--url", type=_flag(_http_url),
+                        default=os.environ.get("ORCHESTRATOR_URL") or _DEFAULT_URL,
+                        help="the orchestrator's base URL ($ORCHESTRATOR_URL, which the "
+                             "worker gives its agents)")
+    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
+    parser.add_argument("--json", action="store_true", help="print the API's data as JSON")
+    command.flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        data = command.run(_ApiClient(args.url, _api_key(args.token)), args)
+    except _CommandFailed as failure:
+        print(f"{_program()} {name}: {failure}", file=sys.stderr)
+        return failure.status
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else command.show(data))
+    return 0
+
+
+def _ask(api: _ApiClient, method: str, path: str, body: dict | None = None,
+         headers: Mapping[str, str] | None = None) -> object:
+    """One API call: the envelope's data, or _CommandFailed with its message."""
+    try:
+        status, envelope = api.call(method, path, body, extra_headers=headers)
+    except _Refused as refused:
+        raise _CommandFailed(str(refused)) from None
+    except OSError as error:
+        raise _CommandFailed(f"cannot reach the orchestrator at {api.url} "
+                             f"({getattr(error, 'reason', error)})", status=2) from None
+    if not envelope.get("success"):
+        raise _CommandFailed(_error_message(envelope, status))
+    return envelope["data"]
+
+
+def _each(api: _ApiClient, ids: list[str], action: Callable[[str], object]) -> list:
+    """Act on each task id; every refusal is printed, and the command fails at the end."""
+    done, refused = [], []
+    for task_id in ids:
+        try:
+            done.append(action(task_id))
+        except _CommandFailed as failure:
+            if failure.status != 1:
+                raise
+            refused.append(f"{task_id}: {failure}")
+    if refused:
+        for answer in done:
+            print(f"{answer['id']}: {answer.get('status', 'deleted')}")
+        raise _CommandFailed("\n".join(refused))
+    return done
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    """add's flags."""
+    parser.add_argument("prompt", nargs="*", help="the prompt (default: standard input)")
+    parser.add_argument("--dir", default=".", help="the work directory")
+    parser.add_argument("--priority", help="high, medium or low (default: medium)")
+    parser.add_argument("--tag", action="append", default=[], help="a tag; repeat for more")
+    parser.add_argument("--max-retries", type=_flag(_integer(0, 100)),
+                        help="re-queues after failures (default: the server's)")
+    parser.add_argument("--key", help="an Idempotency-Key: adding twice queues it once")
+
+
+def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
+    """Queue a task: the prompt from the arguments, else from standard input."""
+    prompt = " ".join(args.prompt) if args.prompt else (
+        "" if sys.stdin.isatty() else sys.stdin.read())
+    if not prompt:
+        raise _CommandFailed("give the prompt as arguments, or on standard input "
+                             "(orchestrator add < prompt.md)", status=2)
+    body = {"work_directory": os.path.abspath(os.path.expanduser(args.dir)), "prompt": prompt,
+            "tags": args.tag}
+    body.update((name, value) for name, value in (
+        ("priority", args.priority), ("max_retries", args.max_retries)) if value is not None)
+    key = {IDEMPOTENCY_HEADER.name: args.key} if args.key is not None else None
+    return _ask(api, "POST", "/api/v1/tasks", body, headers=key)
+
+
+def _ls_flags(parser: argparse.ArgumentParser) -> None:
+    """ls's flags."""
+    parser.add_argument("--status", help="one status, or several: waiting,failed")
+    parser.add_argument("--dir", help="only this work directory")
+    parser.add_argument("--tag", help="only tasks with this tag")
+    parser.add_argument("--search", help="text in the prompt, error or output, in any case")
+    parser.add_argument("--limit", type=_flag(_integer(1, 1000)), default=20,
+                        help="how many, newest first")
+
+
+def _ls(api: _ApiClient, args: argparse.Namespace) -> dict:
+    """A page of tasks, newest first."""
+    query = {"status": args.status, "tag": args.tag, "q": args.search, "limit": args.limit,
+             "work_directory": args.dir and os.path.abspath(os.path.expanduser(args.dir))}
+    encoded = urllib.parse.urlencode({name: value for name, value in query.items() if value})
+    return _ask(api, "GET", f"/api/v1/tasks?{encoded}")
+
+
+def _ids_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command on tasks named by id."""
+    parser.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+
+
+def _retry_flags(parser: argparse.ArgumentParser) -> None:
+    """retry's flags: ids, or --failed for every failed task (of --dir)."""
+    parser.add_argument("ids", nargs="*", metavar="ID", help="task ids")
+    parser.add_argument("--failed", action="store_true",
+                        help="every failed task instead (of --dir, when given)")
+    parser.add_argument("--dir", help="with --failed: only this work directory")
+
+
+def _retry(api: _ApiClient, args: argparse.Namespace) -> object:
+    """Queue failed or cancelled tasks again: by id, or every failed one through bulk."""
+    if args.failed == bool(args.ids):
+        raise _CommandFailed("give task ids, or --failed (with --dir to keep to one "
+                             "directory)", status=2)
+    if args.ids:
+        return _each(api, args.ids, lambda task_id: _ask(
+            api, "POST", f"/api/v1/tasks/{task_id}/retry", {}))
+    task_filter = {"status": FAILED}
+    if args.dir is not None:
+        task_filter["work_directory"] = os.path.abspath(os.path.expanduser(args.dir))
+    retried = 0
+    while True:  # one bulk call changes at most BULK_LIMIT tasks
+        answer = _ask(api, "POST", "/api/v1/tasks/bulk", {"action": "retry", "filter": task_filter})
+        retried += answer["changed"]
+        if not (answer["more"] and answer["changed"]):
+            return {"action": "retry", "changed": retried}
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
+    """Rows in aligned columns; the flexible ones, in turn, are cut to fit the terminal."""
+    cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
+    widths = [max(len(str(text)) for text in column) for column in zip(headers, *cells)]
+    for column in flexible:
+        over = sum(widths) + 2 * (len(widths) - 1) - shutil.get_terminal_size().columns
+        widths[column] = max(8, widths[column] - max(0, over))
+    lines = []
+    for row in (headers, *cells):
+        fitted = [_fit(text, width) for text, width in zip(row, widths)]
+        lines.append("  ".join(fitted).rstrip())
+    return "\n".join(lines)
+
+
+def _fit(text: str, width: int) -> str:
+    """Text padded to a width, or cut to it with an ellipsis."""
+    return text.ljust(width) if len(text) <= width else text[:width - 1] + "…"
+
+
+def _age(timestamp: str | None) -> str:
+    """How long ago an API timestamp was, shortly: 45s, 12m, 3h, 2d."""
+    if timestamp is None:
+        return "-"
+    seconds = max(0, time.time() - _parse_rfc3339(timestamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _show_tasks(page: dict) -> str:
+    """ls: a table, then how many more there are."""
+    rows = [(task["id"], task["status"], task["priority"], _age(task["created_at"]),
+             task["work_directory"], task["prompt"]) for task in page["tasks"]]
+    table = _table(("ID", "STATUS", "PRIO", "AGE", "DIRECTORY", "PROMPT"), rows,
+                   flexible=(5, 4))
+    more = page["total"] - len(page["tasks"]) - page["offset"]
+    return table + (f"\n… and {more} more (--limit)" if more > 0 else "")
+
+
+def _show_task(task: dict) -> str:
+    """show: every field, the long texts last."""
+    fields = ("id", "status", "priority", "work_directory", "worker_id", "retry_count",
+              "max_retries", "tags", "created_at", "started_at", "completed_at",
+              "lease_expires_at", "progress_at")
+    lines = [f"{name + ':':<17} {task[name] if task[name] is not None else '-'}"
+             for name in fields]
+    for name, text in (("prompt", task["prompt"]), ("progress", task["progress"]),
+                       ("error", task["error_message"]),
+                       ("output", (task["result"] or {}).get("output"))):
+        if text:
+            lines += ["", f"{name}:", textwrap.indent(text, "  ")]
+    return "\n".join(lines)
+
+
+def _show_statuses(tasks: list[dict]) -> str:
+    """cancel, retry by id, rm: one line per task."""
+    return "\n".join(f"{task['id']}: {task.get('status', 'deleted')}" for task in tasks)
+
+
+def _show_statistics(stats: dict) -> str:
+    """stats: one line per number."""
+    return "\n".join(f"{name + ':':<24} {value}" for name, value in stats.items())
+
+
+def _show_directories(data: dict) -> str:
+    """dirs: a table."""
+    rows = [(d["work_directory"], d["counts"][WAITING], d["counts"][WORKING],
+             d["counts"][FAILED], "-" if d["oldest_waiting_age_seconds"] is None
+             else f"{round(d['oldest_waiting_age_seconds'])}s", ",".join(d["workers"]) or "-")
+            for d in data["directories"]]
+    return _table(("DIRECTORY", "WAITING", "WORKING", "FAILED", "OLDEST", "WORKERS"), rows,
+                  flexible=(0, 5))
+
+
+def _show_workers(data: dict) -> str:
+    """workers: a table."""
+    rows = [(w["worker_id"], _age(w["last_seen"]), len(w["holding"]), w["completed"],
+             w["failed"]) for w in data["workers"]]
+    return _table(("WORKER", "SEEN", "HOLDING", "COMPLETED", "FAILED"), rows, flexible=(0,))
+
+
+def _no_flags(parser: argparse.ArgumentParser) -> None:
+    """A command with no flags of its own."""
+
+
+_CLIENT_COMMANDS = {
+    "add": _ClientCommand(
+        "Queue a task for a work directory; prints its id. The prompt comes from the "
+        "arguments or, when there are none, from standard input.",
+        _add_flags, _add, lambda task: task["id"]),
+    "ls": _ClientCommand("List tasks, newest first.", _ls_flags, _ls, _show_tasks),
+    "show": _ClientCommand(
+        "Show one task: every field, its prompt, progress, error and output.",
+        lambda parser: parser.add_argument("id", metavar="ID", help="a task id"),
+        lambda api, args: _ask(api, "GET", f"/api/v1/tasks/{args.id}"), _show_task),
+    "cancel": _ClientCommand(
+        "Cancel waiting or working tasks.", _ids_flags,
+        lambda api, args: _each(api, args.ids, lambda task_id: _ask(
+            api, "POST", f"/api/v1/tasks/{task_id}/cancel", {})), _show_statuses),
+    "retry": _ClientCommand(
+        "Queue failed or cancelled tasks again: by id, or every failed one (--failed).",
+        _retry_flags, _retry,
+        lambda data: (f"retried {data['changed']}" if isinstance(data, dict)
+                      else _show_statuses(data))),
+    "rm": _ClientCommand(
+        "Delete tasks, in any state.", _ids_flags,
+        lambda api, args: _each(api, args.ids, lambda task_id: _ask(
+            api, "DELETE", f"/api/v1/tasks/{task_id}")), _show_statuses),
+    "stats": _ClientCommand("The queue's statistics.", _no_flags,
+                            lambda api, args: _ask(api, "GET", "/api/v1/statistics"),
+                            _show_statistics),
+    "dirs": _ClientCommand("Each work directory: its tasks by status, and who holds them.",
+                           _no_flags, lambda api, args: _ask(api, "GET", "/api/v1/directories"),
+                           _show_directories),
+    "workers": _ClientCommand("The workers seen lately: what they hold, how they did.",
+                              _no_flags, lambda api, args: _ask(api, "GET", "/api/v1/workers"),
+                              _show_workers),
+}
 
 
 # -- mcp-stdio: for MCP clients that only start local processes ---------------
@@ -4119,7 +4446,7 @@ def _api_key(flag: str | None) -> str | None:
 def _main_mcp_stdio(argv: list[str]) -> int:
     """Relay newline-delimited JSON-RPC between stdin/stdout and an MCP endpoint."""
     parser = argparse.ArgumentParser(
-        prog="orchestrator.py mcp-stdio",
+        prog=f"{_program()} mcp-stdio",
         description="Relay an MCP client that speaks stdio to a running orchestrator's /mcp, "
                     "so that every agent shares one queue. Stdout carries only protocol "
                     "messages; logs go to stderr. Exits when stdin closes.",
@@ -4211,17 +4538,6 @@ class _StdioRelay:
                           "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
 
 
-def _http_exchange(method: str, url: str, body: bytes | None, headers: dict[str, str],
-                   timeout: float) -> tuple[int, bytes]:
-    """One HTTP request: (status, body), error statuses included; OSError when unreachable."""
-    outgoing = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(outgoing, timeout=timeout) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
 def _encode_header(value: str) -> str:
     """A header value as is when plain ASCII, else in the spec's =?base64?...?= form."""
     if value.isascii() and value.isprintable() and value == value.strip() \
@@ -4235,7 +4551,7 @@ def _encode_header(value: str) -> str:
 def _main_work(argv: list[str]) -> int:
     """Claim tasks for a directory, run a command on each, report; see --help."""
     parser = argparse.ArgumentParser(
-        prog="orchestrator.py work",
+        prog=f"{_program()} work",
         usage="%(prog)s --work-path DIR [options] -- COMMAND [ARG ...]",
         description="Claim the tasks of one directory, one at a time; run COMMAND on each in "
                     "the task's directory with the prompt on its standard input (and in place "
@@ -4295,6 +4611,11 @@ def _main_work(argv: list[str]) -> int:
     return _Worker(_ApiClient(args.url, _api_key(args.token)), settings).run()
 
 
+def _default_worker_id() -> str:
+    """HOST-PID: unique on a machine, and says where a worker runs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 @dataclass(frozen=True, slots=True)
 class _WorkerSettings:
     """What `orchestrator.py work` was told on its command line."""
@@ -4310,10 +4631,6 @@ class _WorkerSettings:
     quiet: bool = False
 
 
-class _Refused(Exception):
-    """The server refused the API key (401): retrying cannot help."""
-
-
 class _Abort(Exception):
     """A second Ctrl-C: stop now."""
 
@@ -4324,39 +4641,6 @@ class _Broken(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
-
-
-class _ApiClient:
-    """The REST API as the worker uses it: JSON bodies in, (status, envelope) out."""
-
-    def __init__(self, url: str, token: str | None) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body: dict | None = None,
-             timeout: float = 30) -> tuple[int, dict]:
-        """One request; raises _Refused on a 401 and OSError when the server is unreachable."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = None if body is None else json.dumps(body).encode()
-        status, raw = _http_exchange(method, self.url + path, data, headers, timeout)
-        if status == 401:
-            raise _Refused("the server refused the API key (401): pass --token or set "
-                           "APP_SECURITY_API_KEY")
-        try:
-            envelope = json.loads(raw)
-        except ValueError:
-            envelope = {"error": {"message": raw[:200].decode("utf-8", "replace")}}
-        return status, envelope
-
-
-def _error_message(envelope: dict, status: int) -> str:
-    """The envelope's error message, or the bare status."""
-    error = envelope.get("error") or {}
-    return error.get("message") or f"HTTP {status}"
 
 
 class _Output:

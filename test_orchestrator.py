@@ -3899,6 +3899,117 @@ def test_mcp_acquire_task_waits_too(call_tool, store):
 
 
 # ---------------------------------------------------------------------------
+# The client commands: add, ls, show, cancel, retry, rm, stats, dirs, workers
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(live_url, tmp_path):
+    """Run `orchestrator.py COMMAND ...` against the live server, in tmp_path:
+    (exit status, stdout, stderr)."""
+    def cli(*args, stdin="", env=None):
+        result = subprocess.run([sys.executable, str(MODULE), *args], input=stdin, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "ORCHESTRATOR_URL": live_url,
+                                     "COLUMNS": "80", **(env or {})})
+        return result.returncode, result.stdout, result.stderr
+    return cli
+
+
+def test_add_takes_the_prompt_from_arguments_and_the_directory_from_here(cli, live_store,
+                                                                       tmp_path):
+    status, out, _ = cli("add", "fix", "the", "bug", "--priority", "high", "--tag", "cli",
+                         "--tag", "urgent", "--max-retries", "0")
+    assert status == 0
+    task = live_store.get(out.strip())
+    assert (task.prompt, task.work_directory, task.priority, task.tags, task.max_retries) == (
+        "fix the bug", str(tmp_path), "high", ["cli", "urgent"], 0)
+
+
+def test_add_reads_a_prompt_with_any_quoting_from_standard_input(cli, live_store):
+    prompt = 'Line one with "quotes" and $HOME\n\nand `backticks` \\ too\n'
+    status, out, _ = cli("add", "--dir", "/elsewhere/..//project", stdin=prompt)
+    task = live_store.get(out.strip())
+    assert status == 0 and task.prompt == prompt and task.work_directory == "/project"
+
+
+def test_add_with_a_key_queues_once(cli, live_store):
+    first = cli("add", "p", "--key", "build-42")[1]
+    again = cli("add", "p", "--key", "build-42")[1]
+    assert first == again and len(live_store) == 1
+
+
+def test_ls_is_a_table_that_fits_the_terminal_and_filters(cli, live_store):
+    long_prompt = "Refactor the parser " * 20
+    parser, _ = live_store.create({"work_directory": "/a", "prompt": long_prompt})
+    docs, _ = live_store.create({"work_directory": "/b", "prompt": "Write docs"})
+    live_store.cancel(docs.id)
+    status, out, _ = cli("ls")
+    lines = out.splitlines()
+    headers = lines[0].split()
+    assert status == 0 and headers[:4] == ["ID", "STATUS", "PRIO", "AGE"]
+    assert headers[-1] == "PROMPT"
+    assert len(lines) == 3 and all(len(line) <= 80 for line in lines)
+    assert lines[1].startswith(docs.id) and "…" in lines[2]
+    assert cli("ls", "--status", "waiting")[1].count("\n") == 2
+    assert parser.id in cli("ls", "--search", "PARSER")[1]
+    assert docs.id not in cli("ls", "--search", "PARSER")[1]
+    page = json.loads(cli("ls", "--dir", "/b", "--json")[1])
+    assert [task["id"] for task in page["tasks"]] == [docs.id]
+
+
+def test_show_prints_every_field_and_the_prompt(cli, live_store):
+    task, _ = live_store.create({"work_directory": "/a", "prompt": "line one\nline two"})
+    status, out, _ = cli("show", task.id)
+    assert status == 0 and f"id:               {task.id}" in out
+    assert "prompt:\n  line one\n  line two" in out
+
+
+def test_cancel_retry_and_rm_act_on_each_id_and_fail_for_a_refused_one(cli, live_store):
+    first, _ = live_store.create({"work_directory": "/a", "prompt": "one"})
+    second, _ = live_store.create({"work_directory": "/a", "prompt": "two"})
+    status, out, _ = cli("cancel", first.id, second.id)
+    assert status == 0 and out.splitlines() == [f"{first.id}: cancelled", f"{second.id}: cancelled"]
+    assert cli("retry", first.id)[1].strip() == f"{first.id}: waiting"
+    status, out, err = cli("retry", first.id, second.id)  # the first is waiting: refused
+    assert status == 1 and f"{first.id}: task {first.id} is waiting" in err
+    assert live_store.get(second.id).status == "waiting"  # the other one was still done
+    assert cli("rm", first.id, second.id)[0] == 0 and len(live_store) == 0
+
+
+def test_retry_failed_retries_every_failed_task_of_a_directory(cli, live_store, tmp_path):
+    for directory in (str(tmp_path), "/other"):
+        task, _ = live_store.create({"work_directory": directory, "prompt": "p",
+                                     "max_retries": 0})
+        live_store.claim(directory, "w")
+        live_store.fail(task.id, {"error": "x"})
+    status, out, _ = cli("retry", "--failed", "--dir", ".")
+    assert status == 0 and out.strip() == "retried 1"
+    assert live_store.statistics()["failed_tasks"] == 1  # /other's is left alone
+
+
+def test_stats_dirs_and_workers_print_tables_or_json(cli, live_store):
+    live_store.create({"work_directory": "/a", "prompt": "p"})
+    live_store.claim("/a", "agent-1")
+    assert "working_tasks:           1" in cli("stats")[1]
+    assert cli("dirs")[1].splitlines()[1].split() == ["/a", "0", "1", "0", "-", "agent-1"]
+    assert cli("workers")[1].splitlines()[1].split()[0] == "agent-1"
+    assert json.loads(cli("dirs", "--json")[1])["directories"][0]["work_directory"] == "/a"
+
+
+@pytest.mark.parametrize("args, status, says", [
+    (["show", "0b7c1d2e-0000-4000-8000-000000000000"], 1, "not found"),
+    (["show", "nonsense"], 1, "no route"),
+    (["retry"], 2, "give task ids, or --failed"),
+    (["add"], 2, "give the prompt"),
+    (["ls", "--limit", "0"], 2, "--limit"),
+    (["ls", "--url", "http://127.0.0.1:9"], 2, "cannot reach the orchestrator"),
+])
+def test_client_commands_fail_with_a_clear_line(cli, args, status, says):
+    code, _, err = cli(*args, stdin=None if args == ["add"] else "")
+    assert code == status and says in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
 # The worker command
 # ---------------------------------------------------------------------------
 
