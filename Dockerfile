@@ -1,8 +1,8 @@
 FROM python:3.12-slim
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
-COPY orchestrator.py .
+# The module and its two dependencies, with the `orchestrator` command.
+COPY pyproject.toml README.md orchestrator.py ./
+RUN pip install --no-cache-dir .
 # Inside a container the loopback default would be unreachable from the host.
 ENV APP_SERVER_HOST=0.0.0.0
 # Bound beyond loopback the Host rule is off unless names are listed: list the one a
@@ -14,4 +14,4 @@ ENV APP_DATA_FILE=/data/tasks.db
 RUN mkdir /data
 VOLUME /data
 EXPOSE 8080
-CMD ["python", "orchestrator.py"]
+CMD ["orchestrator"]
