@@ -4115,6 +4115,16 @@ def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
     return check
 
 
+def _connection_flags(parser: argparse.ArgumentParser,
+                      url_help: str = "the orchestrator's base URL") -> None:
+    """--url and --token, as every client command takes them."""
+    parser.add_argument("--url", type=_flag(_http_url),
+                        default=os.environ.get("ORCHESTRATOR_URL") or _DEFAULT_URL,
+                        help=url_help + " ($ORCHESTRATOR_URL when set, as the worker gives "
+                                        "its agents)")
+    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
+
+
 def _api_key(flag: str | None) -> str | None:
     """--token, else APP_SECURITY_API_KEY; read here, so that --help never shows it."""
     return flag if flag is not None else os.environ.get("APP_SECURITY_API_KEY")
@@ -4195,11 +4205,7 @@ def _main_client(name: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{_program()} {name}",
                                      description=command.description,
                                      formatter_class=_HelpWithDefaults)
-    parser.add_argument("--url", type=_flag(_http_url),
-                        default=os.environ.get("ORCHESTRATOR_URL") or _DEFAULT_URL,
-                        help="the orchestrator's base URL ($ORCHESTRATOR_URL, which the "
-                             "worker gives its agents)")
-    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
+    _connection_flags(parser)
     parser.add_argument("--json", action="store_true", help="print the API's data as JSON")
     command.flags(parser)
     args = parser.parse_args(argv)
@@ -4452,10 +4458,7 @@ def _main_mcp_stdio(argv: list[str]) -> int:
                     "messages; logs go to stderr. Exits when stdin closes.",
         formatter_class=_HelpWithDefaults,
     )
-    parser.add_argument("--url", type=_flag(_http_url), default=_DEFAULT_URL,
-                        help="the orchestrator, or its /mcp address")
-    parser.add_argument("--token", help="API key to send as a bearer token "
-                                        "(default: $APP_SECURITY_API_KEY)")
+    _connection_flags(parser, url_help="the orchestrator, or its /mcp address")
     args = parser.parse_args(argv)
     _configure_logging(Config(log_level="warning"))
     relay = _StdioRelay(_mcp_address(args.url), _api_key(args.token))
@@ -4565,13 +4568,11 @@ def _main_work(argv: list[str]) -> int:
         formatter_class=_HelpWithDefaults,
     )
     default = {item.name: item.default for item in dataclasses.fields(_WorkerSettings)}
-    parser.add_argument("--url", type=_flag(_http_url), default=_DEFAULT_URL,
-                        help="the orchestrator's base URL")
+    _connection_flags(parser)
     parser.add_argument("--work-path", required=True, metavar="DIR",
                         help="the directory whose tasks to take")
     parser.add_argument("--worker-id", help="how this worker is named in the queue "
                                             "(default: HOST-PID)")
-    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
     parser.add_argument("--wait", type=_flag(_integer(0, 20)), default=default["wait"],
                         metavar="0-20",
                         help="seconds each claim waits for a task")
