@@ -4294,14 +4294,21 @@ def _ls(api: _ApiClient, args: argparse.Namespace) -> dict:
     return _ask(api, "GET", f"/api/v1/tasks?{encoded}")
 
 
+def _task_id(raw: str) -> str:
+    """A parser for a task id, so that a typo is a usage error, not a request."""
+    if not re.search(_ecma_anchored(TASK_ID.pattern), raw):
+        raise ValueError(f"a task id (a UUID, as ls prints them), not {raw!r}")
+    return raw
+
+
 def _ids_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of a command on tasks named by id."""
-    parser.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    parser.add_argument("ids", nargs="+", type=_flag(_task_id), metavar="ID", help="task ids")
 
 
 def _retry_flags(parser: argparse.ArgumentParser) -> None:
     """retry's flags: ids, or --failed for every failed task (of --dir)."""
-    parser.add_argument("ids", nargs="*", metavar="ID", help="task ids")
+    parser.add_argument("ids", nargs="*", type=_flag(_task_id), metavar="ID", help="task ids")
     parser.add_argument("--failed", action="store_true",
                         help="every failed task instead (of --dir, when given)")
     parser.add_argument("--dir", help="with --failed: only this work directory")
@@ -4420,7 +4427,8 @@ _CLIENT_COMMANDS = {
     "ls": _ClientCommand("List tasks, newest first.", _ls_flags, _ls, _show_tasks),
     "show": _ClientCommand(
         "Show one task: every field, its prompt, progress, error and output.",
-        lambda parser: parser.add_argument("id", metavar="ID", help="a task id"),
+        lambda parser: parser.add_argument("id", type=_flag(_task_id), metavar="ID",
+                                           help="a task id"),
         lambda api, args: _ask(api, "GET", f"/api/v1/tasks/{args.id}"), _show_task),
     "cancel": _ClientCommand(
         "Cancel waiting or working tasks.", _ids_flags,

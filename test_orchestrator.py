@@ -3998,7 +3998,8 @@ def test_stats_dirs_and_workers_print_tables_or_json(cli, live_store):
 
 @pytest.mark.parametrize("args, status, says", [
     (["show", "0b7c1d2e-0000-4000-8000-000000000000"], 1, "not found"),
-    (["show", "nonsense"], 1, "no route"),
+    (["show", "nonsense"], 2, "must be a task id"),
+    (["rm", "0b7c"], 2, "must be a task id"),
     (["retry"], 2, "give task ids, or --failed"),
     (["add"], 2, "give the prompt"),
     (["ls", "--limit", "0"], 2, "--limit"),
