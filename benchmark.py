@@ -65,6 +65,7 @@ OPERATIONS = [
     ("list, first page", lambda store: store.list({"limit": 50}), 1.5),
     ("list, first page by status", lambda store: store.list({"status": "working", "limit": 50}),
      1.5),
+    ("metrics (a scrape's numbers)", lambda store: store.metrics(), 1.5),
 ]
 
 
