@@ -96,7 +96,7 @@ __all__ = [
     "CANCELLABLE", "RETRYABLE",
     # the request declarations: bodies and queries, and the fields they share
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
-    "TASK_RETRY", "TASK_RELEASE", "TASK_BULK", "RESULT", "CLAIM_QUERY", "LIST_QUERY",
+    "TASK_RETRY", "TASK_RELEASE", "TASK_BULK", "RESULT", "CLAIM_QUERY", "READ_QUERY", "LIST_QUERY",
     "TASK_FILTERS", "WORK_DIRECTORY", "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA",
     "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
     "IDEMPOTENCY_HEADER",
@@ -866,12 +866,17 @@ TASK_HEARTBEAT = Schema("TaskHeartbeat", (
 TASK_RELEASE = Schema("TaskRelease", (LEASE_TOKEN, WORKER_ID), one_of=REPORTER_FIELDS)
 TASK_CANCEL = Schema("TaskCancel", (Field("reason", "string", max_length=1000),))
 TASK_RETRY = Schema("TaskRetry", ())
+WAIT = Field("wait", "integer", minimum=0, maximum=20, default=0)
 CLAIM_QUERY = Schema("ClaimQuery", (
     dataclasses.replace(WORK_DIRECTORY, name="work_path",
                         description="The absolute directory to claim a task for."),
     dataclasses.replace(WORKER_ID, required=True),
-    Field("wait", "integer", minimum=0, maximum=20, default=0,
-          description="Seconds to wait for a task when none is waiting; 0 answers at once."),
+    dataclasses.replace(WAIT, description="Seconds to wait for a task when none is waiting; "
+                                          "0 answers at once."),
+))
+READ_QUERY = Schema("ReadQuery", (
+    dataclasses.replace(WAIT, description="Seconds to wait for the task to finish (completed, "
+                                          "failed or cancelled); 0 answers at once."),
 ))
 _ONE_STATUS = "(" + "|".join(STATUSES) + ")"
 TASK_FILTERS = (
@@ -1600,8 +1605,9 @@ class TaskStore:
         #: The lock guards every attribute below. Under it: change state, nothing
         #: else. Logging and JSON encoding happen after it is released.
         self._lock = threading.Lock()
-        #: Notified, under the lock, whenever a task enters a queue; waiting claims sleep on it.
-        self._queue_changed = threading.Condition(self._lock)
+        #: Notified, under the lock, when a waiting request may have what it waits for: a task
+        #: entered a queue or freed its directory's slot (claims), finished or went (reads).
+        self._may_wake = threading.Condition(self._lock)
         self._waiters = 0
         self._stopping = False
         self._tasks: dict[str, Task] = {}  # by id, in creation order
@@ -1662,8 +1668,8 @@ class TaskStore:
             return len(self._tasks)
 
     @property
-    def waiting_claims(self) -> int:
-        """How many claims are waiting for a task right now."""
+    def waiting_requests(self) -> int:
+        """How many requests are waiting right now: claims for a task, reads for an end."""
         with self._lock:
             return self._waiters
 
@@ -1717,7 +1723,8 @@ class TaskStore:
         with self._transaction() as (now, events):
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
-                task, now = self._wait_for(query["work_path"], query["wait"], events)
+                task, now = self._wait_until(lambda now: self._pop_queue(query["work_path"]),
+                                             query["wait"], events)
             self._note_worker(query["worker_id"], now)
             if task is None:
                 return None
@@ -1813,12 +1820,22 @@ class TaskStore:
         """Wake every waiting claim, and make later ones answer at once: for shutdown."""
         with self._lock:
             self._stopping = True
-            self._queue_changed.notify_all()
+            self._may_wake.notify_all()
 
-    def get(self, task_id: str) -> Task:
-        """The task with that id."""
-        with self._transaction():
-            return self._find(task_id).snapshot()
+    def get(self, task_id: str, wait: float = 0) -> Task:
+        """The task with that id; with `wait`, once it has finished or that many seconds
+        have passed (at once when max_waiters requests already wait)."""
+        query = READ_QUERY.clean({"wait": wait})
+
+        def finished(now: float) -> Task | None:
+            task = self._find(task_id)  # NotFound once deleted
+            return task if task.status in FINISHED else None
+
+        with self._transaction() as (now, events):
+            task = self._find(task_id)
+            if task.status not in FINISHED and query["wait"] and self._waiters < self.max_waiters:
+                task = self._wait_until(finished, query["wait"], events)[0] or task
+            return task.snapshot()
 
     def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Change a waiting task's fields; a new priority or directory keeps its place in time."""
@@ -2012,13 +2029,15 @@ class TaskStore:
                     events.append(_event("dropped after retention", task))
         self._forget_workers(now)
 
-    def _wait_for(self, directory: str, seconds: float, events: list[dict]) -> tuple[Task | None, float]:
-        """Sleep until a task of the directory can be claimed or `seconds` pass (lock held).
+    def _wait_until(self, ready: Callable[[float], Task | None], seconds: float,
+                    events: list[dict]) -> tuple[Task | None, float]:
+        """Sleep until ready(now) gives a task or `seconds` pass (lock held): a long-poll
+        claim, or a read waiting for a task to finish.
 
-        Returns the task (or None) and the time it was taken. The wait itself is
+        Returns the task (or None) and the time it was got. The wait itself is
         measured in real seconds: it is how long a request is held, whatever clock
-        the store keeps. A lease that expires meanwhile ends a sleep, so that its
-        task is re-queued and claimed here.
+        the store keeps. A lease that expires meanwhile ends a sleep, so that what
+        its expiry changes (a task re-queued, or failed for good) is seen here.
         """
         give_up_at = time.monotonic() + seconds
         self._waiters += 1
@@ -2029,10 +2048,10 @@ class TaskStore:
                     break
                 if self._leases:
                     remaining = min(remaining, max(0.0, self._leases[0][0] - self._clock()))
-                self._queue_changed.wait(remaining)
+                self._may_wake.wait(remaining)
                 now = self._clock()
                 self._settle(now, events)
-                task = self._pop_queue(directory)
+                task = ready(now)
                 if task is not None:
                     return task, now
             return None, self._clock()
@@ -2122,6 +2141,7 @@ class TaskStore:
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
+        self._may_wake.notify_all()  # a read may wait for this
         self._finished_total[status] += 1
         if task.status == WORKING:
             self._run_seconds[status].observe(now - task.started_at)
@@ -2149,6 +2169,7 @@ class TaskStore:
 
     def _remove(self, task: Task) -> None:
         """Forget a task entirely: indexes, queue entry and idempotency key."""
+        self._may_wake.notify_all()  # a read waiting for it answers 404
         if task.status == WAITING:
             self._unqueue(task)
         self._unindex(task)
@@ -2224,7 +2245,7 @@ class TaskStore:
             if not held:
                 del self._holding[task.worker_id]
             if self.directory_concurrency:
-                self._queue_changed.notify_all()  # a claim may have waited for this slot
+                self._may_wake.notify_all()  # a claim may have waited for this slot
         elif task.status == COMPLETED:
             self._completed_seconds -= task.completed_at - task.started_at
         if not directory.total:
@@ -2234,7 +2255,7 @@ class TaskStore:
         """Put a waiting task in its directory's queue at position `seq` of its priority."""
         task.queue_entry = (_PRIORITY_RANK[task.priority], seq, task.id)
         heapq.heappush(self._queues.setdefault(task.work_directory, []), task.queue_entry)
-        self._queue_changed.notify_all()
+        self._may_wake.notify_all()
 
     def _unqueue(self, task: Task) -> None:
         """Take a waiting task out of its queue: its entry goes stale, to be skipped later."""
@@ -2892,8 +2913,8 @@ def _retry_task(store: TaskStore, fields: dict, task_id: str) -> dict:
 
 
 def _get_task(store: TaskStore, fields: dict, task_id: str) -> dict:
-    """Read one task."""
-    return store.get(task_id).to_dict()
+    """Read one task; with wait, once it has finished (or the wait is over)."""
+    return store.get(task_id, **fields).to_dict()
 
 
 def _update_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -2994,7 +3015,7 @@ _ROUTES = (
            query=LIST_QUERY),
     _Route("GET", "/api/v1/tasks/next", _claim_task,
            _nullable({"$ref": "#/components/schemas/ClaimedTask"}), query=CLAIM_QUERY),
-    _Route("GET", "/api/v1/tasks/{task_id}", _get_task, _TASK_REF),
+    _Route("GET", "/api/v1/tasks/{task_id}", _get_task, _TASK_REF, query=READ_QUERY),
     _Route("PATCH", "/api/v1/tasks/{task_id}", _update_task, _TASK_REF, body=TASK_UPDATE,
            conflicts=True),
     _Route("DELETE", "/api/v1/tasks/{task_id}", _delete_task,
@@ -3263,8 +3284,10 @@ _INSTRUCTIONS = (
     "task's prompt in its work_directory. If it runs long, call heartbeat_task before "
     "lease_expires_at, or the task goes to another worker. Finish with complete_task "
     "(result.output: what you did) or fail_task (error: why). If you cannot work on it, "
-    "release_task hands it back. create_task queues new work; list_tasks, get_task and "
-    "get_statistics show the queue."
+    "release_task hands it back. create_task queues new work, for other agents too: to "
+    "hand off a step and use its outcome, create_task, then wait_for_task with its id until "
+    "it has finished, and read its result.output. list_tasks, get_task, list_directories "
+    "and get_statistics show the queue."
 )
 
 _PARSE_ERROR, _INVALID_REQUEST, _METHOD_NOT_FOUND, _INVALID_PARAMS = -32700, -32600, -32601, -32602
@@ -3304,6 +3327,16 @@ _DESTRUCTIVE = {**_ADDITIVE, "destructiveHint": True, "idempotentHint": True}
 def _json_text(data: object, arguments: dict) -> str:
     """A tool result's text: its data as JSON."""
     return json.dumps(data, ensure_ascii=False)
+
+
+def _wait_text(data: dict, arguments: dict) -> str:
+    """wait_for_task's text says first whether the task finished."""
+    if data["status"] in FINISHED:
+        said = f"Task {data['id']} finished: {data['status']}."
+    else:
+        said = (f"Task {data['id']} has not finished: it is {data['status']}. "
+                "Call wait_for_task again to keep waiting.")
+    return said + "\n" + json.dumps(data, ensure_ascii=False)
 
 
 def _acquire_text(data: dict, arguments: dict) -> str:
@@ -3413,6 +3446,12 @@ _TOOLS = {tool.name: tool for tool in (
     _Tool("get_task", "Get a task", "Read one task by id.",
           _with_task_id("get_task"), _TASK_SCHEMA, _through_rest(_get_task),
           _READ_ONLY),
+    _Tool("wait_for_task", "Wait for a task to finish",
+          "Wait up to `wait` seconds (at most 20) for a task to be completed, failed or "
+          "cancelled, then return it as it is: its result.output once completed. The text "
+          "says whether it finished; if not, call again.",
+          _with_task_id("wait_for_task", READ_QUERY), _TASK_SCHEMA, _through_rest(_get_task),
+          _READ_ONLY, _wait_text),
     _Tool("update_task", "Update a waiting task",
           "Change a waiting task's prompt, priority, tags, metadata, max_retries or directory.",
           _with_task_id("update_task", TASK_UPDATE), _TASK_SCHEMA, _through_rest(_update_task),
@@ -4004,7 +4043,7 @@ def _argument_parser() -> argparse.ArgumentParser:
         description="Serve the task orchestrator's REST API and MCP endpoint. Settings come "
                     "from APP_* environment variables (see README.md); these flags override them.",
         epilog="Other commands, each with its --help: work (run an agent on each task of a "
-               "directory); add, ls, show, cancel, retry, rm, stats, dirs, workers (the queue "
+               "directory); add, ls, show, wait, cancel, retry, rm, stats, dirs, workers (the queue "
                "from a terminal); mcp-stdio (relay an MCP stdio client to /mcp).",
     )
     parser.add_argument("--host", help="listen address (APP_SERVER_HOST, default 127.0.0.1)")
@@ -4178,7 +4217,7 @@ def _error_message(envelope: dict, status: int) -> str:
     return error.get("message") or f"HTTP {status}"
 
 
-# -- add, ls, show, cancel, retry, rm, stats, dirs, workers: the queue from a terminal
+# -- add, ls, show, wait, cancel, retry, rm, stats, dirs, workers: the queue from a terminal
 
 class _CommandFailed(Exception):
     """A client command cannot go on: the message to print, and the exit status."""
@@ -4333,6 +4372,31 @@ def _retry(api: _ApiClient, args: argparse.Namespace) -> object:
             return {"action": "retry", "changed": retried}
 
 
+def _wait_flags(parser: argparse.ArgumentParser) -> None:
+    """wait's flags."""
+    parser.add_argument("id", type=_flag(_task_id), metavar="ID", help="a task id")
+    parser.add_argument("--timeout", type=_flag(_seconds),
+                        help="give up after this many seconds (default: wait as long as it takes)")
+
+
+def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
+    """Wait for a task to finish: its data once completed; _CommandFailed otherwise."""
+    give_up_at = None if args.timeout is None else time.monotonic() + args.timeout
+    while True:
+        left = 20 if give_up_at is None else max(0.0, give_up_at - time.monotonic())
+        asked = time.monotonic()
+        task = _ask(api, "GET", f"/api/v1/tasks/{args.id}?wait={min(20, math.ceil(left))}")
+        if task["status"] == COMPLETED:
+            return task
+        if task["status"] in FINISHED:
+            raise _CommandFailed(f"{task['id']}: {task['status']}: {task['error_message']}")
+        if give_up_at is not None and time.monotonic() >= give_up_at:
+            raise _CommandFailed(f"{task['id']}: not finished after {args.timeout:g} s "
+                                 f"(it is {task['status']})")
+        if time.monotonic() - asked < 1:
+            time.sleep(1)  # answered at once (every waiting slot taken): do not hammer it
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
     """Rows in aligned columns; the flexible ones, in turn, are cut to fit the terminal."""
     cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
@@ -4443,6 +4507,9 @@ _CLIENT_COMMANDS = {
         "Delete tasks, in any state.", _ids_flags,
         lambda api, args: _each(api, args.ids, lambda task_id: _ask(
             api, "DELETE", f"/api/v1/tasks/{task_id}")), _show_statuses),
+    "wait": _ClientCommand(
+        "Wait for a task to finish; exit status 0 when it completed, 1 otherwise.",
+        _wait_flags, _wait, lambda task: _show_statuses([task])),
     "stats": _ClientCommand("The queue's statistics.", _no_flags,
                             lambda api, args: _ask(api, "GET", "/api/v1/statistics"),
                             _show_statistics),

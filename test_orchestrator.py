@@ -683,7 +683,7 @@ def test_directory_concurrency_wakes_a_waiting_claim_when_a_task_finishes():
     store.claim("/r", "a")
     waiter = Background(store.claim, "/r", "b", 10)
     waiter.start()
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     store.fail(first.id, {"error": "x", "retry": False})
     assert waiter.finish().prompt == "two" and waiter.seconds < 5
 
@@ -2997,8 +2997,8 @@ def call_tool(rpc):
 HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
 MISSING_ID = str(uuid.uuid4())
 TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
-              "release_task", "cancel_task", "retry_task", "get_task", "update_task", "delete_task",
-              "list_tasks", "list_directories", "get_statistics"]
+              "release_task", "cancel_task", "retry_task", "get_task", "wait_for_task",
+              "update_task", "delete_task", "list_tasks", "list_directories", "get_statistics"]
 
 
 @pytest.mark.parametrize("version", HANDSHAKE_VERSIONS)
@@ -3240,6 +3240,16 @@ def test_list_directories_tool_shows_what_rest_shows(client, call_tool, make_tas
     assert listed["directories"][0]["counts"]["waiting"] == 1
 
 
+def test_wait_for_task_says_plainly_whether_the_task_finished(call_tool, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    waiting = call_tool("wait_for_task", {"task_id": task.id, "wait": 1})
+    assert waiting["structuredContent"]["status"] == "waiting"
+    assert waiting["content"][0]["text"].startswith(f"Task {task.id} has not finished")
+    store.cancel(task.id)
+    done = call_tool("wait_for_task", {"task_id": task.id, "wait": 1})
+    assert done["content"][0]["text"].startswith(f"Task {task.id} finished: cancelled")
+
+
 def test_every_tool_result_conforms_to_its_output_schema(rpc, call_tool):
     schemas = {tool["name"]: tool["outputSchema"]
                for tool in rpc("tools/list").json["result"]["tools"]}
@@ -3343,7 +3353,7 @@ def test_tool_schemas_come_from_the_request_declarations(rpc):
 def test_tool_annotations_mark_reads_and_deletes(rpc):
     tools = {tool["name"]: tool["annotations"] for tool in rpc("tools/list").json["result"]["tools"]}
     assert {name for name, hints in tools.items() if hints.get("readOnlyHint")} == {
-        "get_task", "list_tasks", "list_directories", "get_statistics"}
+        "get_task", "wait_for_task", "list_tasks", "list_directories", "get_statistics"}
     assert tools["delete_task"]["destructiveHint"] is True
     assert tools["create_task"]["destructiveHint"] is False
 
@@ -3800,7 +3810,7 @@ def get_json(url):
 def test_a_waiting_claim_is_woken_by_a_create(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/r&worker_id=w&wait=10")
     waiter.start()
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     claimed = waiter.finish().json["data"]
     assert claimed["id"] == task.id and claimed["worker_id"] == "w"
@@ -3812,21 +3822,78 @@ def test_a_task_found_for_a_claimant_that_hung_up_goes_straight_back(live_url, l
     hung_up = socket.create_connection(("127.0.0.1", port))
     hung_up.sendall(b"GET /api/v1/tasks/next?work_path=/gone&worker_id=w&wait=20 HTTP/1.1\r\n"
                     b"Host: 127.0.0.1\r\n\r\n")
-    wait_until(lambda: live_store.waiting_claims == 1)
+    wait_until(lambda: live_store.waiting_requests == 1)
     hung_up.close()  # as a worker stopped by Ctrl-C in the middle of its claim
     get_json(live_url + "/health")  # a round trip after the close: the server has seen it
     task, _ = live_store.create({"work_directory": "/gone", "prompt": "p"})
-    wait_until(lambda: live_store.waiting_claims == 0
+    wait_until(lambda: live_store.waiting_requests == 0
                and live_store.get(task.id).status == "waiting")
     back = live_store.get(task.id)
     assert (back.worker_id, back.retry_count) == (None, 0)
     assert live_store.claim("/gone", "next").id == task.id  # first in line
 
 
+def test_a_read_with_wait_answers_when_the_task_finishes(client, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    reader = Background(client.get, f"/api/v1/tasks/{task.id}?wait=10")
+    reader.start()
+    wait_until(lambda: store.waiting_requests == 1)
+    store.complete(task.id, {"worker_id": "w", "result": {"output": "done"}})
+    answer = reader.finish().json["data"]
+    assert answer["status"] == "completed" and answer["result"]["output"] == "done"
+    assert reader.seconds < 5
+
+
+def test_a_read_with_wait_answers_the_task_as_it_is_when_the_time_is_up(client, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    started = time.monotonic()
+    answer = client.get(f"/api/v1/tasks/{task.id}", {"wait": 1}).json["data"]
+    assert answer["status"] == "waiting" and time.monotonic() - started >= 0.9
+
+
+def test_a_read_of_a_finished_task_never_waits(client, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.cancel(task.id)
+    started = time.monotonic()
+    assert client.get(f"/api/v1/tasks/{task.id}", {"wait": 20}).json["data"][
+        "status"] == "cancelled"
+    assert time.monotonic() - started < 5
+
+
+def test_reads_and_claims_share_the_cap_on_waiting_requests(clock):
+    store = TaskStore(max_waiters=1, clock=clock)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    claim = Background(store.claim, "/elsewhere", "w", 10)
+    claim.start()
+    wait_until(lambda: store.waiting_requests == 1)
+    started = time.monotonic()
+    assert store.get(task.id, wait=10).status == "waiting"  # at once: the slot is taken
+    assert time.monotonic() - started < 5
+    store.stop_waiting()  # shutdown releases the waiting claim
+    assert claim.finish() is None
+
+
+def test_a_task_deleted_while_read_with_wait_is_a_404(client, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    reader = Background(lambda: client.get(f"/api/v1/tasks/{task.id}?wait=10", status=404))
+    reader.start()
+    wait_until(lambda: store.waiting_requests == 1)
+    store.delete(task.id)
+    assert reader.finish().json["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("wait", ["21", "-1", "x"])
+def test_a_read_with_a_bad_wait_is_a_400_naming_it(client, store, wait):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    res = client.get(f"/api/v1/tasks/{task.id}", {"wait": wait}, status=400)
+    assert res.json["error"]["details"]["field"] == "wait"
+
+
 def test_a_wait_that_times_out_answers_null_even_if_another_directory_got_work(client, store):
     waiter = Background(client.get, "/api/v1/tasks/next?work_path=/mine&worker_id=w&wait=1")
     waiter.start()
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     store.create({"work_directory": "/other", "prompt": "p"})
     res = waiter.finish()
     assert res.json["data"] is None and res.json["success"] is True
@@ -3859,7 +3926,7 @@ def test_waiters_beyond_the_cap_answer_at_once_and_health_stays_served():
         waiters = [Background(get_json, claim) for _ in range(2)]
         for waiter in waiters:
             waiter.start()
-        wait_until(lambda: store.waiting_claims == 2)
+        wait_until(lambda: store.waiting_requests == 2)
         started = time.monotonic()
         assert get_json(claim)["data"] is None  # over the cap: answered at once
         assert get_json(url + "/health")["data"]["status"] == "healthy"
@@ -3869,13 +3936,13 @@ def test_waiters_beyond_the_cap_answer_at_once_and_health_stays_served():
         assert all(waiter.finish()["data"] is not None for waiter in waiters)
 
 
-def test_shutdown_releases_waiting_claims():
+def test_shutdown_releases_waiting_requests():
     config = Config(rate_limit=0)
     store = TaskStore()
     with running_server(config, create_app(config, store)) as url:
         waiter = Background(get_json, f"{url}/api/v1/tasks/next?work_path=/r&worker_id=w&wait=20")
         waiter.start()
-        wait_until(lambda: store.waiting_claims == 1)
+        wait_until(lambda: store.waiting_requests == 1)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 3
     assert waiter.finish()["data"] is None
@@ -3893,7 +3960,7 @@ def test_mcp_acquire_task_waits_too(call_tool, store):
     waiter = Background(call_tool, "acquire_task", {"work_path": "/r", "worker_id": "w",
                                                     "wait": 10})
     waiter.start()
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     assert waiter.finish()["structuredContent"]["task"]["id"] == task.id
 
@@ -3994,6 +4061,20 @@ def test_stats_dirs_and_workers_print_tables_or_json(cli, live_store):
     assert cli("dirs")[1].splitlines()[1].split() == ["/a", "0", "1", "0", "-", "agent-1"]
     assert cli("workers")[1].splitlines()[1].split()[0] == "agent-1"
     assert json.loads(cli("dirs", "--json")[1])["directories"][0]["work_directory"] == "/a"
+
+
+def test_wait_exits_0_when_the_task_completed_and_1_otherwise(cli, live_store):
+    done, _ = live_store.create({"work_directory": "/a", "prompt": "one"})
+    live_store.claim("/a", "w")
+    live_store.complete(done.id, {"worker_id": "w"})
+    failed, _ = live_store.create({"work_directory": "/a", "prompt": "two"})
+    live_store.cancel(failed.id, {"reason": "not needed"})
+    assert cli("wait", done.id) == (0, f"{done.id}: completed\n", "")
+    status, _, err = cli("wait", failed.id)
+    assert status == 1 and "cancelled" in err and "not needed" in err
+    pending, _ = live_store.create({"work_directory": "/a", "prompt": "three"})
+    status, _, err = cli("wait", pending.id, "--timeout", "1")
+    assert status == 1 and "not finished after 1 s" in err
 
 
 @pytest.mark.parametrize("args, status, says", [
@@ -4159,7 +4240,7 @@ def test_worker_that_cannot_start_its_command_releases_the_task_and_exits_2(work
     doomed.mkdir()
     worker = spawn(worker_command(url, doomed, "--once", "--wait", "20"), text=True,
                    stderr=subprocess.PIPE)
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     doomed.rmdir()  # the directory goes away under the worker: the worker is at fault
     task, _ = store.create({"work_directory": str(doomed), "prompt": "p"})
     assert worker.wait(timeout=10) == 2 and "cannot start" in worker.stderr.read()
@@ -4273,7 +4354,7 @@ def test_directory_concurrency_holds_a_second_worker_until_the_first_finishes(tm
         workers = [spawn(command, stderr=subprocess.DEVNULL)]
         wait_until(lambda: store.get(first.id).status == "working")
         workers.append(spawn(command, stderr=subprocess.DEVNULL))
-        wait_until(lambda: store.waiting_claims == 1)
+        wait_until(lambda: store.waiting_requests == 1)
         assert store.get(second.id).status == "waiting"  # held back: one agent per checkout
         (tmp_path / "go").touch()
         assert [worker.wait(timeout=30) for worker in workers] == [0, 0]
@@ -4400,14 +4481,14 @@ def test_worker_first_ctrl_c_while_waiting_for_work_exits_at_once(worker_server,
                                                                  spawn):
     url, store = worker_server
     worker = spawn(worker_command(url, tmp_path, "--wait", "20"), stderr=subprocess.DEVNULL)
-    wait_until(lambda: store.waiting_claims == 1)
+    wait_until(lambda: store.waiting_requests == 1)
     stopped = time.monotonic()
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 0
     assert time.monotonic() - stopped < 8  # not the rest of the 20 s claim
     get_json(url + "/health")  # a round trip after the close: the server has seen it
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
-    wait_until(lambda: store.waiting_claims == 0 and store.get(task.id).status == "waiting")
+    wait_until(lambda: store.waiting_requests == 0 and store.get(task.id).status == "waiting")
     assert (store.get(task.id).worker_id, store.get(task.id).retry_count) == (None, 0)
 
 
