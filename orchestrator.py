@@ -55,6 +55,7 @@ import operator
 import os
 import posixpath
 import queue
+import random
 import re
 import secrets
 import shutil
@@ -98,7 +99,7 @@ __all__ = [
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
     "TASK_RETRY", "TASK_RELEASE", "TASK_BULK", "RESULT", "CLAIM_QUERY", "READ_QUERY", "LIST_QUERY",
     "TASK_FILTERS", "WORK_DIRECTORY", "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA",
-    "MAX_RETRIES", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
+    "MAX_RETRIES", "NOT_BEFORE", "DELAY_SECONDS", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
     "IDEMPOTENCY_HEADER",
     # the store's limits
     "BULK_LIMIT", "WORKER_MEMORY", "DURATION_BUCKETS",
@@ -269,6 +270,8 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_TASK_TIMEOUT", "task_timeout", _integer(1, 31_536_000)),
     ("APP_TASK_RETENTION", "retention", _integer(0, 3_153_600_000)),
     ("APP_TASK_DIRECTORY_CONCURRENCY", "directory_concurrency", _integer(0, 1000)),
+    ("APP_TASK_RETRY_BACKOFF", "retry_backoff", _integer(0, 86_400)),
+    ("APP_TASK_RETRY_BACKOFF_MAX", "retry_backoff_max", _integer(0, 604_800)),
     ("APP_TASK_ANONYMOUS_REPORTS", "anonymous_reports", _switch),
     ("APP_DATA_FILE", "data_file", _text),
     ("APP_DATA_SYNC", "data_sync", _choice("full", "normal")),
@@ -294,6 +297,8 @@ class Config:
     task_timeout: int = 3600
     retention: int = 604_800
     directory_concurrency: int = 0  #: working tasks one directory may have at once; 0: any
+    retry_backoff: int = 0  #: seconds before a failed task is claimable again, doubling; 0: at once
+    retry_backoff_max: int = 600  #: the most that backoff grows to
     #: Whether complete and fail may name neither worker_id nor lease_token, as clients from
     #: before lease tokens do.
     anonymous_reports: bool = True
@@ -491,6 +496,7 @@ class Task:
     retry_count: int = 0
     progress: str | None = None  #: the holder's last word on how far it has got
     progress_at: float | None = None
+    not_before: float | None = None  #: while waiting, not claimable before this time
     #: The holder's secret for this one claim: a report that carries it is fenced to this lease.
     lease_token: str | None = field(default=None, repr=False)
     #: The started_at of the claim that made lease_token: how _restore tells a token an
@@ -536,6 +542,7 @@ class Task:
             "retry_count": self.retry_count,
             "progress": self.progress,
             "progress_at": _rfc3339(self.progress_at),
+            "not_before": _rfc3339(self.not_before),
             "max_retries": self.max_retries,
         }
 
@@ -546,6 +553,11 @@ def _rfc3339(timestamp: float | None) -> str | None:
         return None
     moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_rfc3339(text: str) -> float:
+    """Epoch seconds from the API's timestamps."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 # ---------------------------------------------------------------------------
@@ -836,7 +848,19 @@ RESULT = Schema("TaskResult", (
     dataclasses.replace(METADATA, default=None),
 ))
 
-TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES))
+NOT_BEFORE = Field(
+    "not_before", "string",
+    pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]"
+            r":([0-5][0-9]|60)(\.[0-9]{1,9})?Z$",
+    pattern_rule="must be an RFC 3339 UTC time such as 2026-12-03T12:00:00Z",
+    description="Not claimable before this time (RFC 3339, UTC).",
+)
+DELAY_SECONDS = Field(
+    "delay_seconds", "integer", minimum=0, maximum=604_800,
+    description="Not claimable for this many seconds from now (instead of not_before).",
+)
+TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES,
+                                    NOT_BEFORE, DELAY_SECONDS))
 TASK_UPDATE = TASK_CREATE.partial("TaskUpdate")
 # complete and fail may be anonymous while APP_TASK_ANONYMOUS_REPORTS is on (clients
 # from before lease tokens send neither field); `_reporter_required` makes a body that
@@ -904,6 +928,22 @@ TASK_BULK = Schema("TaskBulk", (
           description="The list's filters; at least one, so that no call touches every task "
                       "by accident."),
 ))
+
+
+def _start(values: dict) -> Callable[[float], float | None]:
+    """Take not_before or delay_seconds out of cleaned values: the not_before they give,
+    as a function of now (None: claimable at once). ValidationError for both, or for a
+    date the calendar does not have."""
+    at, seconds = values.pop("not_before", None), values.pop("delay_seconds", None)
+    if at is not None and seconds is not None:
+        raise _invalid("delay_seconds", "send not_before or delay_seconds, not both")
+    if at is not None:
+        try:
+            moment = _parse_rfc3339(at)
+        except ValueError:
+            raise _invalid("not_before", "must be a date and time that exists") from None
+        return lambda now: moment
+    return lambda now: None if seconds is None else now + seconds
 
 
 def _reporter_required(schema: Schema) -> Schema:
@@ -1590,12 +1630,18 @@ class TaskStore:
         sync: str = "full",
         directory_concurrency: int = 0,
         anonymous_reports: bool = True,
+        retry_backoff: float = 0,
+        retry_backoff_max: float = 600,
     ) -> None:
         self.max_retries = max_retries
         #: How many tasks of one directory may be working at once; 0: any number.
         self.directory_concurrency = directory_concurrency
         #: Whether complete and fail may name no reporter; off, they need a token or a worker id.
         self.anonymous_reports = anonymous_reports
+        #: Seconds a re-queued failure waits before it is claimable, doubling with each
+        #: retry up to retry_backoff_max; 0: claimable at once.
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
         self.task_timeout = task_timeout
         self.retention = retention  #: seconds finished tasks are kept; 0 keeps them forever
         self._clock = clock
@@ -1614,6 +1660,8 @@ class TaskStore:
         self._by_status = {status: _SortedKeys() for status in STATUSES}  # (number, id)
         self._queues: dict[str, list[tuple]] = {}  # directory -> heap of (rank, seq, id)
         self._stale_entries = 0  # queue entries whose task left the queue
+        self._delayed: list[tuple] = []  # heap of (not_before, seq, id): waiting, not yet due
+        self._delayed_ids: set[str] = set()  # the tasks of its live entries
         self._directories: dict[str, _Directory] = {}  # only directories that have tasks
         self._holding: dict[str, set[str]] = {}  # worker id -> ids of the tasks it holds
         #: Workers seen in the last hour (claims and reports), least recently seen first.
@@ -1649,7 +1697,8 @@ class TaskStore:
         return cls(config.max_retries, config.task_timeout, config.retention,
                    max_waiters=max(0, config.threads - 2), path=config.data_file,
                    sync=config.data_sync, directory_concurrency=config.directory_concurrency,
-                   anonymous_reports=config.anonymous_reports)
+                   anonymous_reports=config.anonymous_reports,
+                   retry_backoff=config.retry_backoff, retry_backoff_max=config.retry_backoff_max)
 
     @property
     def path(self) -> str | None:
@@ -1683,6 +1732,7 @@ class TaskStore:
         if idempotency_key is not None:
             IDEMPOTENCY_HEADER.clean(idempotency_key, IDEMPOTENCY_HEADER.name)
             fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        start = _start(values)
         task_id = str(uuid.uuid4())  # os.urandom may release the GIL: not under the lock
         with self._transaction() as (now, events):
             if idempotency_key in self._idempotency:
@@ -1699,11 +1749,12 @@ class TaskStore:
                 number=self._next_sequence(),
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
+                not_before=start(now),
                 **values,
             )
             self._tasks[task.id] = task
             self._index(task)
-            self._enqueue(task, self._next_sequence())
+            self._place(task, self._next_sequence(), now)
             self._created_total[task.priority] += 1
             if idempotency_key is not None:
                 self._idempotency[idempotency_key] = task.id
@@ -1840,10 +1891,13 @@ class TaskStore:
     def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Change a waiting task's fields; a new priority or directory keeps its place in time."""
         values = TASK_UPDATE.clean(fields)
+        start = _start(values) if values.keys() & {"not_before", "delay_seconds"} else None
         with self._transaction() as (now, events):
             task = self._find(task_id)
             self._require(task, (WAITING,), "update")
-            moves = values.keys() & {"priority", "work_directory"}
+            if start is not None:
+                values["not_before"] = start(now)
+            moves = values.keys() & {"priority", "work_directory", "not_before"}
             seq = task.queue_entry[1]  # its place in time survives the move
             if moves:
                 self._unqueue(task)
@@ -1852,7 +1906,7 @@ class TaskStore:
                 setattr(task, name, value)
             if moves:
                 self._index(task)
-                self._enqueue(task, seq)
+                self._place(task, seq, now)
             task.updated_at = now
             self._touch(task)
             events.append(_event("updated", task))
@@ -1893,11 +1947,13 @@ class TaskStore:
             total = len(self._tasks)
             completed_seconds = self._completed_seconds
             retries, expired = self._retries_total, self._expired_leases_total
+            delayed = len(self._delayed_ids)
         finished = counts[COMPLETED] + counts[FAILED]
         return {
             "total_tasks": total,
             **{f"{status}_tasks": count for status, count in counts.items()},
             "active_tasks": counts[WAITING] + counts[WORKING],
+            "delayed_tasks": delayed,
             "success_rate": round(counts[COMPLETED] / finished, 4) if finished else 0.0,
             "retries_total": retries,
             "expired_leases_total": expired,
@@ -2013,8 +2069,13 @@ class TaskStore:
         return self._journal.record(tasks, deleted, counters)
 
     def _settle(self, now: float, events: list[dict]) -> None:
-        """Fail the leases that expired, drop finished tasks past retention, forget
-        workers unseen for WORKER_MEMORY seconds."""
+        """Queue the delayed tasks that are due, fail the leases that expired, drop
+        finished tasks past retention, forget workers unseen for WORKER_MEMORY seconds."""
+        for entry in _pop_due(self._delayed, now):
+            task = self._tasks.get(entry[2])
+            if task is not None and task.queue_entry is entry:
+                self._delayed_ids.discard(task.id)
+                self._enqueue(task, entry[1])
         for deadline, task_id in _pop_due(self._leases, now):
             task = self._tasks.get(task_id)
             if task is not None and task.status == WORKING and task.lease_expires_at == deadline:
@@ -2046,8 +2107,9 @@ class TaskStore:
                 remaining = give_up_at - time.monotonic()
                 if remaining <= 0:
                     break
-                if self._leases:
-                    remaining = min(remaining, max(0.0, self._leases[0][0] - self._clock()))
+                for deadlines in (self._leases, self._delayed):  # an expiry, a task due
+                    if deadlines:
+                        remaining = min(remaining, max(0.0, deadlines[0][0] - self._clock()))
                 self._may_wake.wait(remaining)
                 now = self._clock()
                 self._settle(now, events)
@@ -2104,7 +2166,7 @@ class TaskStore:
         if retry and task.retry_count < task.max_retries:
             task.retry_count += 1
             self._retries_total += 1
-            self._requeue(task, now)
+            self._requeue(task, now, not_before=self._backoff(task, now))
             events.append(_event("re-queued", task, error=_shorten(message)))
         else:
             self._finish(task, FAILED, now)
@@ -2132,12 +2194,24 @@ class TaskStore:
         self._requeue(task, now)
         events.append(_event("re-queued", task))
 
-    def _requeue(self, task: Task, now: float, place: int | None = None) -> None:
-        """Back to waiting, with no holder: at the back of its priority, or at `place`."""
+    def _backoff(self, task: Task, now: float) -> float | None:
+        """When a failed task may be claimed again: retry_backoff doubled with each retry,
+        at most retry_backoff_max, give or take 10 % so that failures do not come back in
+        step; None (at once) without a backoff."""
+        if not self.retry_backoff:
+            return None
+        delay = min(self.retry_backoff_max, self.retry_backoff * 2 ** (task.retry_count - 1))
+        return now + delay * random.uniform(0.9, 1.1)
+
+    def _requeue(self, task: Task, now: float, place: int | None = None,
+                 not_before: float | None = None) -> None:
+        """Back to waiting, with no holder: at the back of its priority, or at `place`;
+        claimable from `not_before`, or at once."""
         self._set_status(task, WAITING, now)
         task.worker_id = task.started_at = task.completed_at = task.lease_expires_at = None
         task.lease_token = task.token_started_at = task.progress = task.progress_at = None
-        self._enqueue(task, self._next_sequence() if place is None else place)
+        task.not_before = not_before
+        self._place(task, self._next_sequence() if place is None else place, now)
 
     def _finish(self, task: Task, status: str, now: float) -> None:
         """Into a final state; retention counts from now."""
@@ -2251,6 +2325,15 @@ class TaskStore:
         if not directory.total:
             del self._directories[task.work_directory]
 
+    def _place(self, task: Task, seq: int, now: float) -> None:
+        """Put a waiting task in its queue, or among the delayed until its not_before."""
+        if task.not_before is None or task.not_before <= now:
+            self._enqueue(task, seq)
+            return
+        task.queue_entry = (task.not_before, seq, task.id)  # its place in time, kept for later
+        heapq.heappush(self._delayed, task.queue_entry)
+        self._delayed_ids.add(task.id)
+
     def _enqueue(self, task: Task, seq: int) -> None:
         """Put a waiting task in its directory's queue at position `seq` of its priority."""
         task.queue_entry = (_PRIORITY_RANK[task.priority], seq, task.id)
@@ -2260,6 +2343,7 @@ class TaskStore:
     def _unqueue(self, task: Task) -> None:
         """Take a waiting task out of its queue: its entry goes stale, to be skipped later."""
         task.queue_entry = None
+        self._delayed_ids.discard(task.id)
         self._stale_entries += 1
         if self._stale_entries > len(self._by_status[WAITING]) + 1024:
             self._compact_queues()
@@ -2294,6 +2378,9 @@ class TaskStore:
                 heapq.heapify(entries)
                 live[directory] = entries
         self._queues = live
+        self._delayed = [e for e in self._delayed if e[2] in self._delayed_ids
+                         and self._tasks[e[2]].queue_entry is e]
+        heapq.heapify(self._delayed)
         self._stale_entries = 0
 
     # -- the data file (at start) -------------------------------------------
@@ -2303,7 +2390,8 @@ class TaskStore:
 
         Rows come in creation order, so the newest-first indexes and the dict's
         order are as they were. A lease that ran out meanwhile expires at the
-        first operation, counted as usual.
+        first operation, counted as usual; a delayed task that came due meanwhile
+        enters its queue then.
         """
         with self._lock:
             for row in rows:
@@ -2314,7 +2402,11 @@ class TaskStore:
                 self._tasks[task.id] = task
                 self._index(task)
                 # Into lists first, made heaps once below: cheaper than a push per task.
-                if task.status == WAITING:
+                if task.status == WAITING and task.not_before is not None:
+                    task.queue_entry = (task.not_before, place, task.id)
+                    self._delayed.append(task.queue_entry)
+                    self._delayed_ids.add(task.id)
+                elif task.status == WAITING:
                     task.queue_entry = (_PRIORITY_RANK[task.priority], place, task.id)
                     self._queues.setdefault(task.work_directory, []).append(task.queue_entry)
                 elif task.status == WORKING:
@@ -2323,7 +2415,7 @@ class TaskStore:
                     self._finished.append((task.completed_at, task.id))
                 if task.idempotency_key is not None:
                     self._idempotency[task.idempotency_key] = task.id
-            for heap in (*self._queues.values(), self._leases, self._finished):
+            for heap in (*self._queues.values(), self._leases, self._finished, self._delayed):
                 heapq.heapify(heap)
             self._sequence = counters.get("sequence", 0)
             self._retries_total = counters.get("retries_total", 0)
@@ -3146,6 +3238,7 @@ _TASK_SCHEMA = {
         "error_message": {"type": ["string", "null"]},
         "progress": {"type": ["string", "null"]},
         "progress_at": _nullable(_TIMESTAMP),
+        "not_before": _nullable(_TIMESTAMP),
         "retry_count": _COUNT,
         "max_retries": MAX_RETRIES.json_schema(),
     },
@@ -3177,6 +3270,7 @@ _STATISTICS_SCHEMA = {
     "properties": {
         **{name: _COUNT for name in (
             "total_tasks", *(f"{status}_tasks" for status in STATUSES), "active_tasks",
+            "delayed_tasks",
             "retries_total", "expired_leases_total",
         )},
         "success_rate": {"type": "number", "minimum": 0, "maximum": 1},
@@ -5116,11 +5210,6 @@ def _why_lease_ended(status: int, envelope: dict) -> str:
     if "is cancelled" in _error_message(envelope, status):
         return "the task was cancelled"
     return "the lease was lost"
-
-
-def _parse_rfc3339(text: str) -> float:
-    """Epoch seconds from the API's timestamps."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 # ---------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def statistics(client):
 TASK_FIELDS = {
     "id", "work_directory", "prompt", "priority", "tags", "metadata", "status", "worker_id",
     "created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "result",
-    "error_message", "retry_count", "max_retries", "progress", "progress_at",
+    "error_message", "retry_count", "max_retries", "progress", "progress_at", "not_before",
 }
 
 
@@ -702,6 +702,109 @@ def test_statistics_never_show_an_expired_lease_as_held(client, make_task, claim
     clock.advance(60)
     stats = statistics(client)
     assert stats["working_tasks"] == 0 and stats["waiting_tasks"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Delays and retry backoff
+# ---------------------------------------------------------------------------
+
+def test_a_delayed_task_is_waiting_but_not_claimable_until_its_time(client, store, clock):
+    task = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "later",
+                                              "delay_seconds": 60}).json["data"]
+    assert task["status"] == "waiting" and task["not_before"] == orchestrator._rfc3339(
+        clock() + 60)
+    assert store.claim("/r", "w") is None
+    assert statistics(client)["delayed_tasks"] == 1
+    clock.advance(60)
+    assert store.claim("/r", "w").id == task["id"]
+    assert statistics(client)["delayed_tasks"] == 0
+
+
+def test_a_due_delayed_task_keeps_its_place_by_creation(store, clock):
+    first, _ = store.create({"work_directory": "/r", "prompt": "first", "delay_seconds": 10})
+    second, _ = store.create({"work_directory": "/r", "prompt": "second"})
+    clock.advance(10)
+    assert [store.claim("/r", "w").id, store.claim("/r", "w").id] == [first.id, second.id]
+
+
+def test_not_before_takes_an_rfc_3339_utc_time(client, store, clock):
+    at = orchestrator._rfc3339(clock() + 30)
+    task = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p",
+                                              "not_before": at}).json["data"]
+    assert task["not_before"] == at and store.claim("/r", "w") is None
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"delay_seconds": 604_801}, "delay_seconds"),
+    ({"delay_seconds": -1}, "delay_seconds"),
+    ({"not_before": "tomorrow"}, "not_before"),
+    ({"not_before": "2026-02-30T10:00:00Z"}, "not_before"),
+    ({"not_before": "2026-12-03T10:00:00+02:00"}, "not_before"),
+    ({"not_before": "2026-12-03T10:00:00Z", "delay_seconds": 5}, "delay_seconds"),
+])
+def test_a_bad_delay_is_a_400_naming_the_field(client, store, fields, field):
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p", **fields},
+                           status=400)
+    assert res.json["error"]["details"]["field"] == field and len(store) == 0
+
+
+def test_a_waiting_task_can_be_delayed_and_brought_forward(client, store, clock):
+    task = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p"}).json["data"]
+    client.patch_json(task_url(task), {"delay_seconds": 100})
+    assert store.claim("/r", "w") is None
+    client.patch_json(task_url(task), {"delay_seconds": 0})
+    assert store.claim("/r", "w").id == task["id"]
+
+
+def test_failures_back_off_doubling_with_jitter_up_to_the_cap(clock):
+    store = TaskStore(max_retries=10, task_timeout=60, clock=clock, retry_backoff=30,
+                      retry_backoff_max=100)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    for expected in (30, 60, 100, 100):
+        store.claim("/r", "w")
+        failed = store.fail(task.id, {"error": "x"})
+        delay = failed.not_before - clock()
+        assert 0.9 * expected <= delay <= 1.1 * expected
+        assert store.claim("/r", "w") is None  # not before its time
+        clock.advance(delay)
+
+
+def test_a_lease_that_expires_backs_off_too_but_release_and_retry_do_not(clock):
+    store = TaskStore(max_retries=5, task_timeout=60, clock=clock, retry_backoff=30)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    clock.advance(61)
+    assert store.get(task.id).not_before is not None and store.claim("/r", "w") is None
+    clock.advance(40)
+    held = store.claim("/r", "w")
+    store.release(task.id, {"lease_token": held.lease_token})
+    assert store.claim("/r", "w").id == task.id  # a release is not delayed
+    store.fail(task.id, {"error": "x", "retry": False})
+    store.retry(task.id)
+    assert store.get(task.id).not_before is None  # nor is a person's retry
+
+
+def test_without_a_backoff_setting_a_failure_is_claimable_at_once(store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    store.fail(task.id, {"error": "x"})
+    assert store.claim("/r", "w").id == task.id
+
+
+def test_backoff_comes_from_the_settings():
+    config = Config.from_env({"APP_TASK_RETRY_BACKOFF": "30",
+                              "APP_TASK_RETRY_BACKOFF_MAX": "300"})
+    store = TaskStore.from_config(config)
+    assert (store.retry_backoff, store.retry_backoff_max) == (30, 300)
+
+
+def test_a_waiting_claim_wakes_when_a_delayed_task_becomes_due():
+    store = TaskStore()
+    store.create({"work_directory": "/r", "prompt": "p", "delay_seconds": 1})
+    claim = Background(store.claim, "/r", "w", 10)
+    claim.start()
+    assert claim.finish(timeout=15) is not None
+    assert 0.9 <= claim.seconds < 8  # due after a second; not the whole 10 s wait
 
 
 # ---------------------------------------------------------------------------
@@ -2172,6 +2275,17 @@ def test_a_token_the_file_kept_from_an_earlier_claim_is_never_revived(open_store
 def test_the_data_file_is_readable_by_its_owner_only(open_store, data_file):
     open_store()
     assert os.stat(data_file).st_mode & 0o077 == 0
+
+
+def test_a_delay_survives_a_restart(open_store, clock):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p", "delay_seconds": 30})
+    store.close()
+    reopened = open_store()
+    assert reopened.claim("/r", "w") is None
+    assert reopened.statistics()["delayed_tasks"] == 1
+    clock.advance(30)
+    assert reopened.claim("/r", "w").id == task.id
 
 
 def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, clock):
