@@ -1968,6 +1968,7 @@ class TaskStore:
         with self._transaction() as (now, _):
             return {
                 "tasks": {status: len(self._by_status[status]) for status in STATUSES},
+                "delayed": len(self._delayed_ids),
                 "oldest_waiting_age": self._age_of_oldest(self._by_status[WAITING], now) or 0,
                 "directories_waiting": self._directories_waiting,
                 "workers_busy": len(self._holding),  # expired leases were settled above
@@ -3147,6 +3148,9 @@ def _metrics_text(store: TaskStore, requests: _RequestCounts) -> str:
     family = functools.partial(_metric_family, lines)
     family("tasks", "gauge", "Tasks in the store, by status.",
            [({"status": status}, count) for status, count in numbers["tasks"].items()])
+    family("waiting_tasks", "gauge", "Waiting tasks, split by whether they can be claimed now.",
+           [({"state": "claimable"}, numbers["tasks"][WAITING] - numbers["delayed"]),
+            ({"state": "delayed"}, numbers["delayed"])])
     family("oldest_waiting_task_age_seconds", "gauge",
            "Seconds since the oldest waiting task was created; 0 when none waits.",
            [({}, numbers["oldest_waiting_age"])])
@@ -4392,6 +4396,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=_flag(_integer(0, 100)),
                         help="re-queues after failures (default: the server's)")
     parser.add_argument("--key", help="an Idempotency-Key: adding twice queues it once")
+    parser.add_argument("--delay", type=_flag(_integer(0, 604_800)), metavar="SECONDS",
+                        help="not claimable before this many seconds from now")
 
 
 def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
@@ -4404,7 +4410,8 @@ def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
     body = {"work_directory": os.path.abspath(os.path.expanduser(args.dir)), "prompt": prompt,
             "tags": args.tag}
     body.update((name, value) for name, value in (
-        ("priority", args.priority), ("max_retries", args.max_retries)) if value is not None)
+        ("priority", args.priority), ("max_retries", args.max_retries),
+        ("delay_seconds", args.delay)) if value is not None)
     key = {IDEMPOTENCY_HEADER.name: args.key} if args.key is not None else None
     return _ask(api, "POST", "/api/v1/tasks", body, headers=key)
 
@@ -5260,6 +5267,7 @@ h3 { font-size: 0.95rem; margin: 12px 0 0; }
 section { background: var(--panel); border: 1px solid var(--line); border-radius: 8px;
           padding: 12px; margin: 12px 0; }
 .muted { color: var(--muted); }
+.small { font-size: 0.8rem; }
 .spacer { flex: 1; }
 button, input, select, textarea { font: inherit; color: inherit; }
 button { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
@@ -5670,13 +5678,21 @@ function openOnEnter(event, taskId) {
   openTask(taskId);
 }
 
+function delayedUntil(task) {
+  // A waiting task with a not_before still ahead cannot be claimed yet.
+  if (task.status !== "waiting" || !task.not_before || Date.parse(task.not_before) <= Date.now()) {
+    return null;
+  }
+  return el("div", {class: "muted small"}, "not before ", when(task.not_before));
+}
+
 function taskRow(task) {
   return el("tr", {
     class: "task" + (task.id === state.openTaskId ? " selected" : ""), tabindex: 0,
     "data-task-id": task.id, "aria-label": `${task.status} task: ${task.prompt.slice(0, 60)}`,
     onclick: () => openTask(task.id), onkeydown: (event) => openOnEnter(event, task.id),
   },
-    el("td", {}, badge(task.status)),
+    el("td", {}, badge(task.status), delayedUntil(task)),
     el("td", {"data-label": "Priority"}, task.priority),
     el("td", {"data-label": "Directory"}, task.work_directory),
     el("td", {"data-label": "Age"}, when(task.created_at)),
@@ -5709,6 +5725,7 @@ function detailFacts(task) {
     ["Priority", task.priority],
     ["Directory", task.work_directory],
     ["Worker", task.worker_id || "—"],
+    ["Not before", when(task.not_before)],
     ["Lease expires", expired ? el("span", {class: "expired"}, "expired ", when(task.lease_expires_at))
                               : when(task.lease_expires_at)],
     ["Retries", `${task.retry_count} of ${task.max_retries}`],

@@ -2674,6 +2674,8 @@ def test_metrics_track_the_queue_as_tasks_move(client, store, clock):
     assert seen[("orchestrator_tasks_finished_total", (("status", "completed"),))] == 1
     assert seen[("orchestrator_oldest_waiting_task_age_seconds", ())] == 18
     assert seen[("orchestrator_work_directories_waiting", ())] == 1
+    assert seen[("orchestrator_waiting_tasks", (("state", "claimable"),))] == 1
+    assert seen[("orchestrator_waiting_tasks", (("state", "delayed"),))] == 0
     assert seen[("orchestrator_workers_busy", ())] == 0
     assert seen[("orchestrator_build_info", (("version", orchestrator.__version__),))] == 1
     assert seen[("orchestrator_task_wait_seconds_count", ())] == 1
@@ -2718,7 +2720,7 @@ def test_metrics_follow_the_exposition_rules(client, make_task):
     text = client.get("/metrics").text
     assert text.endswith("\n")
     families = re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE)
-    assert len(families) == len({name for name, _ in families}) == 14
+    assert len(families) == len({name for name, _ in families}) == 15
     for name, kind in families:
         assert f"# HELP {name} " in text
         assert name.endswith("_total") == (kind == "counter")
@@ -4099,11 +4101,12 @@ def cli(live_url, tmp_path):
 def test_add_takes_the_prompt_from_arguments_and_the_directory_from_here(cli, live_store,
                                                                        tmp_path):
     status, out, _ = cli("add", "fix", "the", "bug", "--priority", "high", "--tag", "cli",
-                         "--tag", "urgent", "--max-retries", "0")
+                         "--tag", "urgent", "--max-retries", "0", "--delay", "60")
     assert status == 0
     task = live_store.get(out.strip())
     assert (task.prompt, task.work_directory, task.priority, task.tags, task.max_retries) == (
         "fix the bug", str(tmp_path), "high", ["cli", "urgent"], 0)
+    assert 50 < task.not_before - time.time() <= 60
 
 
 def test_add_reads_a_prompt_with_any_quoting_from_standard_input(cli, live_store):
@@ -4778,6 +4781,13 @@ def test_a_task_opens_from_the_keyboard(browser, page_server):
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     browser_wait(browser, lambda: texts(browser, "#detail-title") == [f"Task {task.id}"])
     assert browser.execute_script("return document.getElementById('detail').open") is True
+
+
+def test_a_delayed_task_shows_when_it_can_be_claimed(browser, page_server):
+    url, store = page_server
+    store.create({"work_directory": "/p", "prompt": "later", "delay_seconds": 600})
+    open_page(browser, url)
+    assert re.search(r"not before (9|10) min from now", texts(browser, "#tasks tr.task")[0])
 
 
 def test_delete_asks_first(browser, page_server):
