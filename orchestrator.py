@@ -99,7 +99,7 @@ __all__ = [
     "TASK_CREATE", "TASK_UPDATE", "TASK_COMPLETE", "TASK_FAIL", "TASK_HEARTBEAT", "TASK_CANCEL",
     "TASK_RETRY", "TASK_RELEASE", "TASK_BULK", "RESULT", "CLAIM_QUERY", "READ_QUERY", "LIST_QUERY",
     "TASK_FILTERS", "WORK_DIRECTORY", "PROMPT", "PRIORITY", "TAG", "TAGS", "METADATA",
-    "MAX_RETRIES", "NOT_BEFORE", "DELAY_SECONDS", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
+    "MAX_RETRIES", "NOT_BEFORE", "DELAY_SECONDS", "DEPENDS_ON", "WORKER_ID", "LEASE_TOKEN", "REPORTER_FIELDS", "TASK_ID", "IDEMPOTENCY_KEY",
     "IDEMPOTENCY_HEADER",
     # the store's limits
     "BULK_LIMIT", "WORKER_MEMORY", "DURATION_BUCKETS",
@@ -497,6 +497,8 @@ class Task:
     progress: str | None = None  #: the holder's last word on how far it has got
     progress_at: float | None = None
     not_before: float | None = None  #: while waiting, not claimable before this time
+    depends_on: list[str] = field(default_factory=list)  #: ids that must complete first
+    blocked_by: list[str] = field(default_factory=list)  #: of those, the ones not completed yet
     #: The holder's secret for this one claim: a report that carries it is fenced to this lease.
     lease_token: str | None = field(default=None, repr=False)
     #: The started_at of the claim that made lease_token: how _restore tells a token an
@@ -517,6 +519,8 @@ class Task:
         hands it out, so that nobody else can read it and report as the holder.
         """
         return dataclasses.replace(self, tags=list(self.tags),
+                                   depends_on=list(self.depends_on),
+                                   blocked_by=list(self.blocked_by),
                                    metadata=copy.deepcopy(self.metadata),
                                    result=copy.deepcopy(self.result),
                                    lease_token=self.lease_token if with_lease_token else None)
@@ -543,6 +547,8 @@ class Task:
             "progress": self.progress,
             "progress_at": _rfc3339(self.progress_at),
             "not_before": _rfc3339(self.not_before),
+            "depends_on": list(self.depends_on),
+            "blocked_by": list(self.blocked_by),
             "max_retries": self.max_retries,
         }
 
@@ -859,9 +865,17 @@ DELAY_SECONDS = Field(
     "delay_seconds", "integer", minimum=0, maximum=604_800,
     description="Not claimable for this many seconds from now (instead of not_before).",
 )
+DEPENDS_ON = Field(
+    "depends_on", "array", items=dataclasses.replace(TASK_ID, name="depends_on"), max_items=50,
+    default=[], normalize=_unique,
+    description="Ids of existing tasks that must complete first; until then this one waits, "
+                "blocked. One that fails for good, or is cancelled or deleted, cancels this one.",
+)
 TASK_CREATE = Schema("TaskCreate", (WORK_DIRECTORY, PROMPT, PRIORITY, TAGS, METADATA, MAX_RETRIES,
-                                    NOT_BEFORE, DELAY_SECONDS))
-TASK_UPDATE = TASK_CREATE.partial("TaskUpdate")
+                                    NOT_BEFORE, DELAY_SECONDS, DEPENDS_ON))
+# What a task depends on is fixed at creation, so no dependency can form a cycle.
+TASK_UPDATE = Schema("TaskUpdate", tuple(
+    f for f in TASK_CREATE.fields if f is not DEPENDS_ON)).partial("TaskUpdate")
 # complete and fail may be anonymous while APP_TASK_ANONYMOUS_REPORTS is on (clients
 # from before lease tokens send neither field); `_reporter_required` makes a body that
 # needs one.
@@ -912,6 +926,10 @@ TASK_FILTERS = (
     WORKER_ID,
     dataclasses.replace(WORK_DIRECTORY, required=False),
     TAG,
+    Field("blocked", "string", enum=("true", "false"),
+          description="true: only waiting tasks blocked by a dependency; false: all others."),
+    dataclasses.replace(TASK_ID, name="depends_on", required=False,
+                        description="Only the tasks that depend on this one."),
     Field("q", "string", min_length=1, max_length=200, normalize=str.casefold,
           description="Text to find in the prompt, the error or the result's output, in any "
                       "case. A scan of the tasks: slower than the other filters."),
@@ -1662,6 +1680,8 @@ class TaskStore:
         self._stale_entries = 0  # queue entries whose task left the queue
         self._delayed: list[tuple] = []  # heap of (not_before, seq, id): waiting, not yet due
         self._delayed_ids: set[str] = set()  # the tasks of its live entries
+        self._blocked_ids: set[str] = set()  # waiting tasks with a dependency not completed
+        self._dependents: dict[str, list[str]] = {}  # id -> tasks that were blocked by it
         self._directories: dict[str, _Directory] = {}  # only directories that have tasks
         self._holding: dict[str, set[str]] = {}  # worker id -> ids of the tasks it holds
         #: Workers seen in the last hour (claims and reports), least recently seen first.
@@ -1741,8 +1761,10 @@ class TaskStore:
                     raise Conflict(f"Idempotency-Key was already used with a different body, "
                                    f"by task {seen.id}", task_id=seen.id)
                 return seen.snapshot(), False
+            blocked_by = self._unfinished_dependencies(values["depends_on"])
             task = Task(
                 id=task_id,
+                blocked_by=blocked_by,
                 max_retries=values.pop("max_retries", self.max_retries),
                 created_at=now,
                 updated_at=now,
@@ -1754,6 +1776,7 @@ class TaskStore:
             )
             self._tasks[task.id] = task
             self._index(task)
+            self._wait_on(task)
             self._place(task, self._next_sequence(), now)
             self._created_total[task.priority] += 1
             if idempotency_key is not None:
@@ -1806,6 +1829,7 @@ class TaskStore:
             else:
                 self._finish(task, COMPLETED, now)
                 events.append(_event("completed", task))
+                self._settle_dependents(task, None, now, events)
             return task.snapshot()
 
     def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
@@ -1864,6 +1888,10 @@ class TaskStore:
         with self._transaction() as (now, events):
             task = self._find(task_id)
             self._require(task, RETRYABLE, "retry")
+            missing = self._missing_dependency(task)
+            if missing is not None:
+                raise Conflict(f"task {task.id} depends on task {missing}, which was deleted; "
+                               "it can never run")
             self._retry(task, now, events)
             return task.snapshot()
 
@@ -1914,8 +1942,8 @@ class TaskStore:
 
     def delete(self, task_id: str) -> None:
         """Remove a task in any state."""
-        with self._transaction() as (_, events):
-            self._delete(self._find(task_id), events)
+        with self._transaction() as (now, events):
+            self._delete(self._find(task_id), now, events)
 
     def list(self, filters: Mapping[str, object] | None = None) -> dict:
         """A page of tasks, newest first: {"tasks", "total", "limit", "offset", "has_more"}.
@@ -1947,13 +1975,14 @@ class TaskStore:
             total = len(self._tasks)
             completed_seconds = self._completed_seconds
             retries, expired = self._retries_total, self._expired_leases_total
-            delayed = len(self._delayed_ids)
+            delayed, blocked = len(self._delayed_ids), len(self._blocked_ids)
         finished = counts[COMPLETED] + counts[FAILED]
         return {
             "total_tasks": total,
             **{f"{status}_tasks": count for status, count in counts.items()},
             "active_tasks": counts[WAITING] + counts[WORKING],
             "delayed_tasks": delayed,
+            "blocked_tasks": blocked,
             "success_rate": round(counts[COMPLETED] / finished, 4) if finished else 0.0,
             "retries_total": retries,
             "expired_leases_total": expired,
@@ -1969,6 +1998,7 @@ class TaskStore:
             return {
                 "tasks": {status: len(self._by_status[status]) for status in STATUSES},
                 "delayed": len(self._delayed_ids),
+                "blocked": len(self._blocked_ids),
                 "oldest_waiting_age": self._age_of_oldest(self._by_status[WAITING], now) or 0,
                 "directories_waiting": self._directories_waiting,
                 "workers_busy": len(self._holding),  # expired leases were settled above
@@ -2150,10 +2180,11 @@ class TaskStore:
     def _bulk_one(self, action: str, task: Task, now: float, events: list[dict]) -> bool:
         """One task's part of a bulk action; False when its state forbids it."""
         if action == "delete":
-            self._delete(task, events)
+            self._delete(task, now, events)
         elif action == "cancel" and task.status in CANCELLABLE:
             self._cancel(task, None, now, events)
-        elif action == "retry" and task.status in RETRYABLE:
+        elif action == "retry" and task.status in RETRYABLE and (
+                self._missing_dependency(task) is None):
             self._retry(task, now, events)
         else:
             return False
@@ -2172,11 +2203,13 @@ class TaskStore:
         else:
             self._finish(task, FAILED, now)
             events.append(_event("failed", task, error=_shorten(message)))
+            self._settle_dependents(task, "failed", now, events)
 
-    def _delete(self, task: Task, events: list[dict]) -> None:
-        """A task removed, in any state."""
+    def _delete(self, task: Task, now: float, events: list[dict]) -> None:
+        """A task removed, in any state; the tasks waiting for it are cancelled."""
         self._remove(task)
         events.append(_event("deleted", task))
+        self._settle_dependents(task, "was deleted", now, events)
 
     def _cancel(self, task: Task, reason: str | None, now: float, events: list[dict]) -> None:
         """A waiting or working task stopped for good; the reason, if any, as its error."""
@@ -2186,14 +2219,71 @@ class TaskStore:
             task.error_message = reason
         self._finish(task, CANCELLED, now)
         events.append(_event("cancelled", task))
+        self._settle_dependents(task, "was cancelled", now, events)
 
     def _retry(self, task: Task, now: float, events: list[dict]) -> None:
         """A failed or cancelled task queued again; only a failure counts as a retry."""
         if task.status == FAILED:
             task.retry_count += 1
             self._retries_total += 1
+        task.blocked_by = self._unfinished_dependencies(task.depends_on)
+        self._wait_on(task)
         self._requeue(task, now)
         events.append(_event("re-queued", task))
+
+    def _unfinished_dependencies(self, depends_on: list[str]) -> list[str]:
+        """Of a task's dependencies, those not completed yet; ValidationError for an id the
+        store does not have, Conflict for one that failed or was cancelled."""
+        unfinished = []
+        for task_id in depends_on:
+            dependency = self._tasks.get(task_id)
+            if dependency is None:
+                raise ValidationError(f"depends_on: there is no task {task_id}",
+                                      field="depends_on")
+            if dependency.status in (FAILED, CANCELLED):
+                raise Conflict(f"depends on task {task_id}, which is {dependency.status}; "
+                               "retry it first")
+            if dependency.status != COMPLETED:
+                unfinished.append(task_id)
+        return unfinished
+
+    def _missing_dependency(self, task: Task) -> str | None:
+        """A dependency of the task that was deleted, if any: it can never complete."""
+        return next((task_id for task_id in task.depends_on if task_id not in self._tasks), None)
+
+    def _wait_on(self, task: Task) -> None:
+        """Note the task among the dependents of each dependency that blocks it."""
+        for task_id in task.blocked_by:
+            self._dependents.setdefault(task_id, []).append(task.id)
+
+    def _settle_dependents(self, task: Task, ended: str | None, now: float,
+                           events: list[dict]) -> None:
+        """What a task's end means for the tasks blocked by it: completed (ended None),
+        one less dependency; failed, cancelled or deleted, each of them cancelled, and
+        theirs in turn. O(dependents), without recursion however long the chain."""
+        cause = f"task {task.id} {ended}"  # named in every cancelled task's error
+        pending = [(task.id, ended)]
+        while pending:
+            task_id, ended = pending.pop()
+            for dependent_id in self._dependents.pop(task_id, ()):
+                dependent = self._tasks.get(dependent_id)
+                if dependent is None or task_id not in dependent.blocked_by:
+                    continue  # gone, or no longer waiting for it (cancelled, retried since)
+                dependent.blocked_by = [d for d in dependent.blocked_by if d != task_id]
+                self._touch(dependent)
+                if ended is None and not dependent.blocked_by:
+                    self._blocked_ids.discard(dependent.id)
+                    self._place(dependent, dependent.queue_entry[1], now)
+                elif ended is not None:
+                    self._unqueue(dependent)
+                    dependent.blocked_by = []
+                    dependent.error_message = (
+                        f"depends on task {task_id}, which {ended}" if task_id == task.id
+                        else f"depends on task {task_id}, which was cancelled because {cause}")
+                    self._finish(dependent, CANCELLED, now)
+                    events.append(_event("cancelled", dependent,
+                                         error=_shorten(dependent.error_message)))
+                    pending.append((dependent.id, "was cancelled"))
 
     def _backoff(self, task: Task, now: float) -> float | None:
         """When a failed task may be claimed again: retry_backoff doubled with each retry,
@@ -2327,7 +2417,12 @@ class TaskStore:
             del self._directories[task.work_directory]
 
     def _place(self, task: Task, seq: int, now: float) -> None:
-        """Put a waiting task in its queue, or among the delayed until its not_before."""
+        """Put a waiting task in its queue, or aside: blocked until its dependencies have
+        completed, or delayed until its not_before."""
+        if task.blocked_by:
+            task.queue_entry = (math.inf, seq, task.id)  # in no queue: keeps its place in time
+            self._blocked_ids.add(task.id)
+            return
         if task.not_before is None or task.not_before <= now:
             self._enqueue(task, seq)
             return
@@ -2345,6 +2440,7 @@ class TaskStore:
         """Take a waiting task out of its queue: its entry goes stale, to be skipped later."""
         task.queue_entry = None
         self._delayed_ids.discard(task.id)
+        self._blocked_ids.discard(task.id)
         self._stale_entries += 1
         if self._stale_entries > len(self._by_status[WAITING]) + 1024:
             self._compact_queues()
@@ -2403,7 +2499,11 @@ class TaskStore:
                 self._tasks[task.id] = task
                 self._index(task)
                 # Into lists first, made heaps once below: cheaper than a push per task.
-                if task.status == WAITING and task.not_before is not None:
+                if task.status == WAITING and task.blocked_by:
+                    task.queue_entry = (math.inf, place, task.id)
+                    self._blocked_ids.add(task.id)
+                    self._wait_on(task)
+                elif task.status == WAITING and task.not_before is not None:
                     task.queue_entry = (task.not_before, place, task.id)
                     self._delayed.append(task.queue_entry)
                     self._delayed_ids.add(task.id)
@@ -2479,6 +2579,9 @@ def _matches(task: Task, query: Mapping[str, object]) -> bool:
         and query.get("work_directory", task.work_directory) == task.work_directory
         and ("tag" not in query or query["tag"] in task.tags)
         and ("q" not in query or _mentions(task, query["q"]))
+        and query.get("blocked", "true" if task.blocked_by else "false")
+        == ("true" if task.blocked_by else "false")
+        and ("depends_on" not in query or query["depends_on"] in task.depends_on)
     )
 
 
@@ -3149,8 +3252,9 @@ def _metrics_text(store: TaskStore, requests: _RequestCounts) -> str:
     family("tasks", "gauge", "Tasks in the store, by status.",
            [({"status": status}, count) for status, count in numbers["tasks"].items()])
     family("waiting_tasks", "gauge", "Waiting tasks, split by whether they can be claimed now.",
-           [({"state": "claimable"}, numbers["tasks"][WAITING] - numbers["delayed"]),
-            ({"state": "delayed"}, numbers["delayed"])])
+           [({"state": "claimable"},
+             numbers["tasks"][WAITING] - numbers["delayed"] - numbers["blocked"]),
+            ({"state": "blocked"}, numbers["blocked"]), ({"state": "delayed"}, numbers["delayed"])])
     family("oldest_waiting_task_age_seconds", "gauge",
            "Seconds since the oldest waiting task was created; 0 when none waits.",
            [({}, numbers["oldest_waiting_age"])])
@@ -3243,6 +3347,9 @@ _TASK_SCHEMA = {
         "progress": {"type": ["string", "null"]},
         "progress_at": _nullable(_TIMESTAMP),
         "not_before": _nullable(_TIMESTAMP),
+        "depends_on": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+        "blocked_by": {"type": "array", "items": {"type": "string", "format": "uuid"},
+                       "description": "Of depends_on, the tasks not completed yet."},
         "retry_count": _COUNT,
         "max_retries": MAX_RETRIES.json_schema(),
     },
@@ -3274,7 +3381,7 @@ _STATISTICS_SCHEMA = {
     "properties": {
         **{name: _COUNT for name in (
             "total_tasks", *(f"{status}_tasks" for status in STATUSES), "active_tasks",
-            "delayed_tasks",
+            "delayed_tasks", "blocked_tasks",
             "retries_total", "expired_leases_total",
         )},
         "success_rate": {"type": "number", "minimum": 0, "maximum": 1},
@@ -4992,6 +5099,7 @@ class _Worker:
             except queue.Empty:
                 return None
             if event[0] == "interrupt" and abandon_on_interrupt and deadline is None:
+                self._interrupted("stopping after this task, if the pending claim brings one")
                 deadline = time.monotonic() + 1.0
             elif event[0] == "interrupt":
                 self._interrupted("stopping once the pending request returns")

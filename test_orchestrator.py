@@ -122,6 +122,7 @@ TASK_FIELDS = {
     "id", "work_directory", "prompt", "priority", "tags", "metadata", "status", "worker_id",
     "created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "result",
     "error_message", "retry_count", "max_retries", "progress", "progress_at", "not_before",
+    "depends_on", "blocked_by",
 }
 
 
@@ -702,6 +703,145 @@ def test_statistics_never_show_an_expired_lease_as_held(client, make_task, claim
     clock.advance(60)
     stats = statistics(client)
     assert stats["working_tasks"] == 0 and stats["waiting_tasks"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Dependencies
+# ---------------------------------------------------------------------------
+
+def make(store, prompt, *after, directory="/r"):
+    """A task in the store that depends on the given ones."""
+    return store.create({"work_directory": directory, "prompt": prompt,
+                         "depends_on": [task.id for task in after]})[0]
+
+
+def finish(store, task, how="complete"):
+    """Claim a task (it must be the next one) and complete or fail it for good."""
+    held = store.claim(task.work_directory, "w")
+    assert held.id == task.id
+    if how == "complete":
+        store.complete(task.id, {"lease_token": held.lease_token})
+    else:
+        store.fail(task.id, {"lease_token": held.lease_token, "error": "broke", "retry": False})
+
+
+def test_a_diamond_runs_in_dependency_order(store):
+    a = make(store, "a")
+    b, c = make(store, "b", a), make(store, "c", a)
+    d = make(store, "d", b, c)
+    assert store.get(d.id).blocked_by == [b.id, c.id]
+    assert store.statistics()["blocked_tasks"] == 3
+    finish(store, a)
+    assert store.get(b.id).blocked_by == [] and store.get(d.id).blocked_by == [b.id, c.id]
+    finish(store, b)
+    assert store.claim("/r", "w").id == c.id  # d is still blocked by c
+    store.complete(c.id)
+    assert store.claim("/r", "w").id == d.id
+
+
+def test_an_unblocked_task_takes_its_place_by_creation(store):
+    first = make(store, "first")
+    blocked = make(store, "blocked", first)
+    later = make(store, "later")
+    finish(store, first)
+    assert [store.claim("/r", "w").id for _ in range(2)] == [blocked.id, later.id]
+
+
+@pytest.mark.parametrize("end, why", [
+    (lambda store, task: finish(store, task, "fail"), "failed"),
+    (lambda store, task: store.cancel(task.id), "was cancelled"),
+    (lambda store, task: store.delete(task.id), "was deleted"),
+])
+def test_the_end_of_a_dependency_cancels_its_dependents_transitively(store, end, why):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    c = make(store, "c", b)
+    unrelated = make(store, "unrelated")
+    end(store, a)
+    for task in (b, c):
+        cancelled = store.get(task.id)
+        assert cancelled.status == "cancelled"
+        assert a.id in cancelled.error_message and why in cancelled.error_message
+    assert store.get(unrelated.id).status == "waiting"
+
+
+def test_a_failure_that_is_retried_cancels_nothing(store):
+    a = store.create({"work_directory": "/r", "prompt": "a", "max_retries": 1})[0]
+    b = make(store, "b", a)
+    held = store.claim("/r", "w")
+    store.fail(a.id, {"lease_token": held.lease_token, "error": "flaky"})
+    assert store.get(b.id).status == "waiting" and store.get(b.id).blocked_by == [a.id]
+
+
+def test_retrying_a_cascaded_task_waits_for_its_dependency_again(store):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    finish(store, a, "fail")
+    store.retry(a.id)  # does not revive b
+    assert store.get(b.id).status == "cancelled"
+    store.retry(b.id)
+    assert store.get(b.id).blocked_by == [a.id]
+    finish(store, a)
+    assert store.claim("/r", "w").id == b.id
+
+
+def test_retrying_a_task_whose_dependency_was_deleted_conflicts(store):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    store.delete(a.id)
+    with pytest.raises(Conflict, match=f"depends on task {a.id}, which was deleted"):
+        store.retry(b.id)
+    assert store.get(b.id).status == "cancelled"
+
+
+def test_dependencies_on_a_completed_task_do_not_block(store):
+    a = make(store, "a")
+    finish(store, a)
+    b = make(store, "b", a)
+    assert store.get(b.id).blocked_by == [] and store.claim("/r", "w").id == b.id
+
+
+@pytest.mark.parametrize("depends_on, status, field", [
+    ([str(uuid.uuid4())], 400, "depends_on"),
+    (["not-an-id"], 400, "depends_on[0]"),
+    ([str(uuid.uuid4())] * 51, 400, "depends_on"),
+])
+def test_bad_dependencies_are_refused_and_change_nothing(client, store, depends_on, status,
+                                                         field):
+    res = client.post_json("/api/v1/tasks", {"work_directory": "/r", "prompt": "p",
+                                             "depends_on": depends_on}, status=status)
+    assert res.json["error"]["details"]["field"] == field and len(store) == 0
+
+
+def test_depending_on_a_failed_task_conflicts(store):
+    a = make(store, "a")
+    finish(store, a, "fail")
+    with pytest.raises(Conflict, match="failed"):
+        make(store, "b", a)
+    assert len(store) == 1
+
+
+def test_dependencies_show_in_the_api_and_cannot_be_patched(client, store):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    shown = client.get(f"/api/v1/tasks/{b.id}").json["data"]
+    assert shown["depends_on"] == [a.id] and shown["blocked_by"] == [a.id]
+    res = client.patch_json(f"/api/v1/tasks/{b.id}", {"depends_on": []}, status=400)
+    assert "depends_on" in res.json["error"]["message"]
+    blocked = client.get("/api/v1/tasks", {"blocked": "true"}).json["data"]["tasks"]
+    assert [task["id"] for task in blocked] == [b.id]
+    free = client.get("/api/v1/tasks", {"blocked": "false"}).json["data"]["tasks"]
+    assert [task["id"] for task in free] == [a.id]
+    dependents = client.get("/api/v1/tasks", {"depends_on": a.id}).json["data"]["tasks"]
+    assert [task["id"] for task in dependents] == [b.id]
+
+
+def test_a_thousand_dependents_unblock_together(store):
+    root = make(store, "root")
+    dependents = [make(store, f"d{n}", root) for n in range(1000)]
+    finish(store, root)
+    assert store.statistics()["blocked_tasks"] == 0
+    assert store.claim("/r", "w").id == dependents[0].id
 
 
 # ---------------------------------------------------------------------------
@@ -2286,6 +2426,18 @@ def test_a_delay_survives_a_restart(open_store, clock):
     assert reopened.statistics()["delayed_tasks"] == 1
     clock.advance(30)
     assert reopened.claim("/r", "w").id == task.id
+
+
+def test_dependencies_survive_a_restart(open_store):
+    store = open_store()
+    a = make(store, "a")
+    b = make(store, "b", a)
+    store.close()
+    reopened = open_store()
+    assert reopened.get(b.id).blocked_by == [a.id]
+    assert reopened.claim("/r", "w").id == a.id and reopened.claim("/r", "w") is None
+    reopened.complete(a.id)
+    assert reopened.claim("/r", "w").id == b.id
 
 
 def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, clock):
@@ -4262,13 +4414,19 @@ def worker_command(url, work_path, *args, agent=("-c", AGENT)):
             "--wait", "0", *args, "--", sys.executable, *agent]
 
 
-def read_until(stream, text):
-    """Read lines until one contains the text; that line. Fails if the stream ends first."""
-    while True:
-        line = stream.readline()
-        assert line, f"the stream ended before {text!r}"
-        if text in line:
-            return line
+def read_until(process, text, timeout=20):
+    """Read the process's stderr until a line contains the text; that line. Fails if the
+    stream ends first, or the process says nothing of it in time (it is killed then)."""
+    deadline = threading.Timer(timeout, process.kill)
+    deadline.start()
+    try:
+        while True:
+            line = process.stderr.readline()
+            assert line, f"the stream ended before {text!r}"
+            if text in line:
+                return line
+    finally:
+        deadline.cancel()
 
 
 def run_worker(url, work_path, *args, env=None, agent=("-c", AGENT)):
@@ -4431,7 +4589,7 @@ def test_worker_first_ctrl_c_finishes_the_task_then_exits(worker_server, tmp_pat
                    stderr=subprocess.PIPE)
     wait_until(lambda: store.get(first.id).status == "working")
     worker.send_signal(signal.SIGINT)
-    read_until(worker.stderr, "stopping after this task")
+    read_until(worker, "stopping after this task")
     (tmp_path / "go").touch()
     assert worker.wait(timeout=10) == 0
     assert store.get(first.id).status == "completed"
@@ -4451,7 +4609,7 @@ def test_worker_second_ctrl_c_stops_the_command_and_hands_the_task_back(
                    stderr=subprocess.PIPE)
     wait_until(lambda: pid_file.exists() and pid_file.read_text())
     worker.send_signal(signal.SIGINT)
-    read_until(worker.stderr, "press Ctrl-C again")
+    read_until(worker, "press Ctrl-C again")
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 130
     handed_back = store.get(task.id)
@@ -4622,7 +4780,7 @@ def test_worker_retries_while_the_server_is_down(tmp_path, spawn):
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
     worker = spawn(worker_command(url, tmp_path), text=True, stderr=subprocess.PIPE)
-    assert "retrying in 1 s" in read_until(worker.stderr, "cannot reach")
+    assert "retrying in 1 s" in read_until(worker, "cannot reach")
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=10) == 0
     assert "Traceback" not in worker.stderr.read()
