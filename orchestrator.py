@@ -69,6 +69,7 @@ import threading
 import time
 import types
 import typing
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -3194,8 +3195,9 @@ def _call_route(route: _Route, store: TaskStore, **url_args: str) -> object:
     elif request.query_string:
         # Read as nothing, a lease_token sent here would make a fenced report anonymous.
         names = sorted({name for name, _ in _query_pairs()})
-        raise ValidationError(f"this route takes no query parameters (got {', '.join(names)}); "
-                              "send its fields in the JSON body", field=names[0])
+        body = "; send its fields in the JSON body" if route.body is not None else ""
+        raise ValidationError(f"this route takes no query parameters (got {', '.join(names)})"
+                              + body, field=names[0])
     elif route.body is not None:
         fields = _json_body()
     else:
@@ -4412,7 +4414,8 @@ class _ApiClient:
         try:
             envelope = json.loads(raw)
         except ValueError:
-            envelope = {"error": {"message": raw[:200].decode("utf-8", "replace")}}
+            envelope = {"error": {"message": f"HTTP {status}, and not this API's JSON: is "
+                                             f"{self.url} the orchestrator?"}}
         return status, envelope
 
 
@@ -4486,7 +4489,7 @@ def _each(api: _ApiClient, ids: list[str], action: Callable[[str], object]) -> l
         except _CommandFailed as failure:
             if failure.status != 1:
                 raise
-            refused.append(f"{task_id}: {failure}")
+            refused.append(str(failure) if task_id in str(failure) else f"{task_id}: {failure}")
     if refused:
         for answer in done:
             print(f"{answer['id']}: {answer.get('status', 'deleted')}")
@@ -4505,6 +4508,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="an Idempotency-Key: adding twice queues it once")
     parser.add_argument("--delay", type=_flag(_integer(0, 604_800)), metavar="SECONDS",
                         help="not claimable before this many seconds from now")
+    parser.add_argument("--after", type=_flag(_task_id), action="append", default=[],
+                        metavar="ID", help="a task that must complete first; repeat for more")
 
 
 def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
@@ -4515,7 +4520,7 @@ def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
         raise _CommandFailed("give the prompt as arguments, or on standard input "
                              "(orchestrator add < prompt.md)", status=2)
     body = {"work_directory": os.path.abspath(os.path.expanduser(args.dir)), "prompt": prompt,
-            "tags": args.tag}
+            "tags": args.tag, "depends_on": args.after}
     body.update((name, value) for name, value in (
         ("priority", args.priority), ("max_retries", args.max_retries),
         ("delay_seconds", args.delay)) if value is not None)
@@ -4563,7 +4568,9 @@ def _retry_flags(parser: argparse.ArgumentParser) -> None:
 
 def _retry(api: _ApiClient, args: argparse.Namespace) -> object:
     """Queue failed or cancelled tasks again: by id, or every failed one through bulk."""
-    if args.failed == bool(args.ids):
+    if args.failed and args.ids:
+        raise _CommandFailed("give task ids or --failed, not both", status=2)
+    if not (args.failed or args.ids):
         raise _CommandFailed("give task ids, or --failed (with --dir to keep to one "
                              "directory)", status=2)
     if args.ids:
@@ -4572,12 +4579,13 @@ def _retry(api: _ApiClient, args: argparse.Namespace) -> object:
     task_filter = {"status": FAILED}
     if args.dir is not None:
         task_filter["work_directory"] = os.path.abspath(os.path.expanduser(args.dir))
-    retried = 0
+    total = {"action": "retry", "changed": 0, "skipped": 0, "more": False}
     while True:  # one bulk call changes at most BULK_LIMIT tasks
         answer = _ask(api, "POST", "/api/v1/tasks/bulk", {"action": "retry", "filter": task_filter})
-        retried += answer["changed"]
+        total.update(changed=total["changed"] + answer["changed"], more=answer["more"],
+                     skipped=total["skipped"] + answer["skipped"])
         if not (answer["more"] and answer["changed"]):
-            return {"action": "retry", "changed": retried}
+            return total
 
 
 def _wait_flags(parser: argparse.ArgumentParser) -> None:
@@ -4608,7 +4616,7 @@ def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
 def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
     """Rows in aligned columns; the flexible ones, in turn, are cut to fit the terminal."""
     cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
-    widths = [max(len(str(text)) for text in column) for column in zip(headers, *cells)]
+    widths = [max(map(_width, column)) for column in zip(headers, *cells)]
     for column in flexible:
         over = sum(widths) + 2 * (len(widths) - 1) - shutil.get_terminal_size().columns
         widths[column] = max(8, widths[column] - max(0, over))
@@ -4619,9 +4627,23 @@ def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...
     return "\n".join(lines)
 
 
+def _width(text: str) -> int:
+    """The columns a text takes in a terminal: an East Asian wide character takes two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
 def _fit(text: str, width: int) -> str:
-    """Text padded to a width, or cut to it with an ellipsis."""
-    return text.ljust(width) if len(text) <= width else text[:width - 1] + "…"
+    """Text padded to a width of columns, or cut to it with an ellipsis."""
+    if _width(text) <= width:
+        return text + " " * (width - _width(text))
+    kept, used = [], 0
+    for char in text:
+        columns = _width(char)
+        if used + columns > width - 1:
+            break
+        kept.append(char)
+        used += columns
+    return "".join(kept) + "…" + " " * (width - 1 - used)
 
 
 def _age(timestamp: str | None) -> str:
@@ -5399,7 +5421,9 @@ th { font-weight: 600; color: var(--muted); font-size: 0.85rem; }
 td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr.task { cursor: pointer; }
 tbody tr.task:hover, tbody tr.selected { background: color-mix(in srgb, var(--accent) 10%, transparent); }
-.prompt { max-width: 40ch; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.prompt { max-width: 60ch; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+td.directory { max-width: 32ch; overflow-wrap: anywhere; }
+.nowrap { white-space: nowrap; }
 .badge { display: inline-block; padding: 0 8px; border-radius: 999px; font-size: 0.8rem;
          border: 1px solid currentColor; white-space: nowrap; }
 .waiting { color: var(--waiting); } .working { color: var(--working); }
@@ -5417,6 +5441,8 @@ legend { font-size: 0.85rem; color: var(--muted); padding: 0; margin-bottom: 2px
 #add { display: grid; grid-template-columns: 2fr 1fr 1fr; gap: 8px; }
 #add .wide { grid-column: 1 / -1; }
 #add textarea { min-height: 5em; resize: vertical; }
+.detail-head { position: sticky; top: -16px; background: var(--panel); padding: 8px 0;
+               z-index: 1; }
 dialog { background: var(--panel); color: var(--text); border: 1px solid var(--line);
          border-radius: 8px; padding: 16px; width: min(900px, 96vw); max-height: 92vh; }
 dialog::backdrop { background: rgb(0 0 0 / 0.4); }
@@ -5530,7 +5556,7 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--bg);
 </main>
 
 <dialog id="detail" aria-labelledby="detail-title">
-  <div class="actions">
+  <div class="actions detail-head">
     <h2 id="detail-title">Task</h2>
     <span class="spacer"></span>
     <span class="actions" id="detail-actions"></span>
@@ -5786,12 +5812,22 @@ function openOnEnter(event, taskId) {
   openTask(taskId);
 }
 
-function delayedUntil(task) {
-  // A waiting task with a not_before still ahead cannot be claimed yet.
-  if (task.status !== "waiting" || !task.not_before || Date.parse(task.not_before) <= Date.now()) {
-    return null;
+function whyNotClaimable(task) {
+  // A waiting task may not be claimable yet: blocked by dependencies, or delayed.
+  if (task.status !== "waiting") return null;
+  if (task.blocked_by.length) {
+    return el("div", {class: "muted small"}, `blocked by ${task.blocked_by.length}`);
   }
-  return el("div", {class: "muted small"}, "not before ", when(task.not_before));
+  if (task.not_before && Date.parse(task.not_before) > Date.now()) {
+    return el("div", {class: "muted small"}, "not before ", when(task.not_before));
+  }
+  return null;
+}
+
+function taskLinks(ids) {
+  if (!ids.length) return "—";
+  return ids.map((id) => el("button", {type: "button", class: "link", title: "Open this task",
+                                       onclick: () => openTask(id)}, id.slice(0, 8)));
 }
 
 function taskRow(task) {
@@ -5800,12 +5836,12 @@ function taskRow(task) {
     "data-task-id": task.id, "aria-label": `${task.status} task: ${task.prompt.slice(0, 60)}`,
     onclick: () => openTask(task.id), onkeydown: (event) => openOnEnter(event, task.id),
   },
-    el("td", {}, badge(task.status), delayedUntil(task)),
+    el("td", {}, badge(task.status), whyNotClaimable(task)),
     el("td", {"data-label": "Priority"}, task.priority),
-    el("td", {"data-label": "Directory"}, task.work_directory),
-    el("td", {"data-label": "Age"}, when(task.created_at)),
+    el("td", {class: "directory", "data-label": "Directory"}, task.work_directory),
+    el("td", {class: "nowrap", "data-label": "Age"}, when(task.created_at)),
     el("td", {class: "prompt", title: task.prompt.slice(0, 500)}, task.prompt.slice(0, 120)),
-    el("td", {"data-label": "Worker"}, task.worker_id || "—"),
+    el("td", {class: "nowrap", "data-label": "Worker"}, task.worker_id || "—"),
     el("td", {class: "number", "data-label": "Retries"}, `${task.retry_count}/${task.max_retries}`),
   );
 }
@@ -5826,7 +5862,7 @@ function renderTasks(page) {
   byId("older").disabled = !page.has_more;
 }
 
-function detailFacts(task) {
+function detailFacts(task, dependents) {
   const expired = task.lease_expires_at && Date.parse(task.lease_expires_at) <= Date.now();
   const facts = [
     ["Status", badge(task.status)],
@@ -5842,6 +5878,9 @@ function detailFacts(task) {
     ["Finished", when(task.completed_at)],
     ["Updated", when(task.updated_at)],
     ["Tags", task.tags.join(", ") || "—"],
+    ["Depends on", taskLinks(task.depends_on)],
+    ["Blocked by", taskLinks(task.blocked_by)],
+    ["Dependents", taskLinks(dependents.map((dependent) => dependent.id))],
   ];
   return el("dl", {}, facts.map(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
 }
@@ -5869,10 +5908,10 @@ function detailActions(task) {
   ].filter(Boolean);
 }
 
-function renderDetail(task) {
-  if (!changed("detail", task)) return;
+function renderDetail(task, dependents) {
+  if (!changed("detail", [task, dependents])) return;
   byId("detail-title").textContent = "Task " + task.id;
-  byId("detail-body").replaceChildren(detailFacts(task), ...detailTexts(task).flat());
+  byId("detail-body").replaceChildren(detailFacts(task, dependents), ...detailTexts(task).flat());
   byId("detail-actions").replaceChildren(...detailActions(task));
 }
 
@@ -5917,7 +5956,12 @@ async function refresh() {
 
 async function refreshDetail() {
   try {
-    renderDetail(await api("GET", `/api/v1/tasks/${state.openTaskId}`));
+    const id = state.openTaskId;
+    const [task, dependents] = await Promise.all([
+      api("GET", `/api/v1/tasks/${id}`),
+      api("GET", "/api/v1/tasks?" + query({depends_on: id, limit: 100})),
+    ]);
+    renderDetail(task, dependents.tasks);
   } catch (error) {
     renderDetailError(error.message);
   }
@@ -6008,6 +6052,10 @@ function filtersChanged() {
 }
 
 function detailClosed() {
+  // The row that opened the detail may have been rebuilt meanwhile: focus its successor.
+  const row = state.openTaskId &&
+    byId("tasks").querySelector(`tr[data-task-id="${CSS.escape(state.openTaskId)}"]`);
+  if (row) row.focus();
   state.openTaskId = null;
   delete shown.detail;
   for (const row of document.querySelectorAll("tr.selected")) row.classList.remove("selected");

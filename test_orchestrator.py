@@ -4268,6 +4268,12 @@ def test_add_reads_a_prompt_with_any_quoting_from_standard_input(cli, live_store
     assert status == 0 and task.prompt == prompt and task.work_directory == "/project"
 
 
+def test_add_after_makes_a_task_wait_for_others(cli, live_store):
+    first = cli("add", "one")[1].strip()
+    second = cli("add", "two", "--after", first)[1].strip()
+    assert live_store.get(second).blocked_by == [first]
+
+
 def test_add_with_a_key_queues_once(cli, live_store):
     first = cli("add", "p", "--key", "build-42")[1]
     again = cli("add", "p", "--key", "build-42")[1]
@@ -4307,7 +4313,7 @@ def test_cancel_retry_and_rm_act_on_each_id_and_fail_for_a_refused_one(cli, live
     assert status == 0 and out.splitlines() == [f"{first.id}: cancelled", f"{second.id}: cancelled"]
     assert cli("retry", first.id)[1].strip() == f"{first.id}: waiting"
     status, out, err = cli("retry", first.id, second.id)  # the first is waiting: refused
-    assert status == 1 and f"{first.id}: task {first.id} is waiting" in err
+    assert status == 1 and f"task {first.id} is waiting" in err
     assert live_store.get(second.id).status == "waiting"  # the other one was still done
     assert cli("rm", first.id, second.id)[0] == 0 and len(live_store) == 0
 
@@ -4946,6 +4952,18 @@ def test_a_delayed_task_shows_when_it_can_be_claimed(browser, page_server):
     store.create({"work_directory": "/p", "prompt": "later", "delay_seconds": 600})
     open_page(browser, url)
     assert re.search(r"not before (9|10) min from now", texts(browser, "#tasks tr.task")[0])
+
+
+def test_a_blocked_task_shows_what_it_waits_for_and_its_dependents(browser, page_server):
+    url, store = page_server
+    first, _ = store.create({"work_directory": "/p", "prompt": "first"})
+    second, _ = store.create({"work_directory": "/p", "prompt": "second",
+                              "depends_on": [first.id]})
+    open_page(browser, url)
+    assert "blocked by 1" in texts(browser, "#tasks tr.task")[0]  # the newest: second
+    click(browser, "#tasks tr.task", 1)  # first
+    browser_wait(browser, lambda: "Dependents" in texts(browser, "#detail-body")[0])
+    assert second.id[:8] in texts(browser, "#detail-body dd button.link")
 
 
 def test_delete_asks_first(browser, page_server):
