@@ -69,6 +69,18 @@ OPERATIONS = [
 ]
 
 
+def unblock_microseconds_per_dependent(dependents: int) -> float:
+    """Completing a task that blocks `dependents` others: the cost per dependent."""
+    store = TaskStore()
+    root, _ = store.create({"work_directory": "/bench", "prompt": "root"})
+    for n in range(dependents):
+        store.create({"work_directory": "/bench", "prompt": f"d{n}", "depends_on": [root.id]})
+    held = store.claim("/bench", "w")
+    started = time.perf_counter()
+    store.complete(root.id, {"lease_token": held.lease_token})
+    return 1e6 * (time.perf_counter() - started) / dependents
+
+
 def bytes_per_task(count: int) -> tuple[float, float]:
     """(bytes per task beyond its own strings, bytes of those strings), by tracemalloc."""
     gc.collect()
@@ -197,6 +209,9 @@ def main() -> None:
     crowded = filled_store(SMALL, elsewhere=LARGE)
     report("claim, 100,000 more in other directories",
            *compare(lambda s: s.claim("/bench", "w"), filled_store(SMALL), crowded), 1.5)
+    report("unblock, per dependent (1,000 vs 10,000)",
+           *(min(unblock_microseconds_per_dependent(n) for _ in range(3)) for n in (1000, 10_000)),
+           1.5)
     extra, strings = bytes_per_task(LARGE)
     print(f"memory per task beyond its own strings: {extra:.0f} bytes "
           f"(its strings: {strings:.0f}; bound 1024) {'ok' if extra <= 1024 else 'OVER'}")

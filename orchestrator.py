@@ -3492,7 +3492,8 @@ _INSTRUCTIONS = (
     "lease_expires_at, or the task goes to another worker. Finish with complete_task "
     "(result.output: what you did) or fail_task (error: why). If you cannot work on it, "
     "release_task hands it back. create_task queues new work, for other agents too: to "
-    "hand off a step and use its outcome, create_task, then wait_for_task with its id until "
+    "split a job into steps, create each with depends_on naming the steps before it (a "
+    "step runs only once those have completed), then wait_for_task on the last one until "
     "it has finished, and read its result.output. list_tasks, get_task, list_directories "
     "and get_statistics show the queue."
 )
