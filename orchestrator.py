@@ -2216,6 +2216,7 @@ class TaskStore:
         """A waiting or working task stopped for good; the reason, if any, as its error."""
         if task.status == WAITING:
             self._unqueue(task)
+            task.blocked_by = []  # it waits for nothing any more
         if reason is not None:
             task.error_message = reason
         self._finish(task, CANCELLED, now)
@@ -2227,21 +2228,22 @@ class TaskStore:
         if task.status == FAILED:
             task.retry_count += 1
             self._retries_total += 1
-        task.blocked_by = self._unfinished_dependencies(task.depends_on)
+        task.blocked_by = self._unfinished_dependencies(task.depends_on, new=False)
         self._wait_on(task)
         self._requeue(task, now)
         events.append(_event("re-queued", task))
 
-    def _unfinished_dependencies(self, depends_on: list[str]) -> list[str]:
+    def _unfinished_dependencies(self, depends_on: list[str], new: bool = True) -> list[str]:
         """Of a task's dependencies, those not completed yet; ValidationError for an id the
-        store does not have, Conflict for one that failed or was cancelled."""
+        store does not have. A new task may not depend on one that failed or was cancelled
+        (Conflict); a retried one waits for it to be retried and complete."""
         unfinished = []
         for task_id in depends_on:
             dependency = self._tasks.get(task_id)
             if dependency is None:
                 raise ValidationError(f"depends_on: there is no task {task_id}",
                                       field="depends_on")
-            if dependency.status in (FAILED, CANCELLED):
+            if new and dependency.status in (FAILED, CANCELLED):
                 raise Conflict(f"depends on task {task_id}, which is {dependency.status}; "
                                "retry it first")
             if dependency.status != COMPLETED:
@@ -2268,7 +2270,8 @@ class TaskStore:
             task_id, ended = pending.pop()
             for dependent_id in self._dependents.pop(task_id, ()):
                 dependent = self._tasks.get(dependent_id)
-                if dependent is None or task_id not in dependent.blocked_by:
+                if (dependent is None or dependent.status != WAITING
+                        or task_id not in dependent.blocked_by):
                     continue  # gone, or no longer waiting for it (cancelled, retried since)
                 dependent.blocked_by = [d for d in dependent.blocked_by if d != task_id]
                 self._touch(dependent)

@@ -785,6 +785,31 @@ def test_retrying_a_cascaded_task_waits_for_its_dependency_again(store):
     assert store.claim("/r", "w").id == b.id
 
 
+def test_a_blocked_task_cancelled_by_a_person_stays_as_it_was_when_its_dependency_ends(store):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    c = make(store, "c", a)
+    store.cancel(b.id, {"reason": "not needed"})
+    assert store.get(b.id).blocked_by == []
+    finish(store, a)
+    assert (store.get(b.id).status, store.get(b.id).error_message) == ("cancelled", "not needed")
+    d = make(store, "d", directory="/s")
+    e = make(store, "e", d, directory="/s")
+    store.cancel(e.id, {"reason": "mine"})
+    finish(store, d, "fail")
+    assert store.get(e.id).error_message == "mine"  # not cancelled twice
+    assert store.get(c.id).status == "waiting" and store.get(c.id).blocked_by == []
+
+
+def test_a_bulk_retry_takes_dependents_and_their_failed_dependencies_together(store):
+    a = store.create({"work_directory": "/r", "prompt": "a", "max_retries": 0})[0]
+    b = make(store, "b", a)
+    finish(store, a, "fail")
+    answer = store.bulk({"action": "retry", "filter": {"status": "failed,cancelled"}})
+    assert (answer["changed"], answer["skipped"]) == (2, 0)
+    assert store.get(b.id).blocked_by == [a.id] and store.claim("/r", "w").id == a.id
+
+
 def test_retrying_a_task_whose_dependency_was_deleted_conflicts(store):
     a = make(store, "a")
     b = make(store, "b", a)
