@@ -3,20 +3,24 @@
 Clients create tasks (a prompt plus the absolute work directory it applies to);
 workers claim the next task for their directory, hold it under a lease, and
 report success or failure. Failures and expired leases are retried up to a
-limit. One in-memory store answers two protocols: a REST API under /api/v1
-(described at /openapi.json) and an MCP endpoint at /mcp, for agents. With a
-data file (APP_DATA_FILE) every change is also written through to SQLite before
-it is acknowledged, so the queue survives a restart or a kill -9.
+limit, after a backoff if one is set. A task may wait for others to complete
+(depends_on) or for a time (not_before), and a client may wait for a task to
+finish. One in-memory store answers a REST API under /api/v1 (described at
+/openapi.json), an MCP endpoint at /mcp for agents, a page at / for people and
+/metrics for Prometheus. With a data file (APP_DATA_FILE) every change is also
+written through to SQLite before it is acknowledged, so the queue survives a
+restart or a kill -9.
 
 Needs Python 3.11+, bottle and waitress. Limits: one process per data file;
 without one, a restart loses every task. Delivery is at-least-once, so a task
-whose lease expires goes to the next worker, and its former holder can no
-longer report on it.
+whose lease expires goes to the next worker; the lease token each claim gets
+makes sure its former holder can no longer report on it.
 
 Run it:
 
     python orchestrator.py                                  # serve (or: make run)
     python orchestrator.py work --work-path DIR -- CMD ...  # run CMD on each task
+    python orchestrator.py add --dir DIR < prompt.md        # queue; also ls, show, wait...
     python orchestrator.py mcp-stdio                        # for stdio MCP clients
 
 Embed it in tests:
@@ -26,9 +30,9 @@ Embed it in tests:
 
 Sections, in dependency order: configuration, errors, the task and its life
 cycle, request declarations, logging, the data file, the store, the rate
-limiter, HTTP (the
-gate, the handlers, the route table), response schemas, MCP, the OpenAPI
-document, serving and the command line (with the stdio relay and the worker).
+limiter, HTTP (the gate, the handlers, the route table), /metrics, response
+schemas, MCP, the OpenAPI document, serving and the command line (the client
+commands, the stdio relay and the worker), and last the page at /.
 """
 
 from __future__ import annotations
