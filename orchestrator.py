@@ -465,6 +465,10 @@ class RateLimited(OrchestratorError):
 #                 |  |               |       retries left? --> waiting (back of its priority)
 #                 |  |               |       none left     --> failed --retry--> waiting
 #                 |  +---cancel------+--cancel--> cancelled
+#
+# A waiting task can be claimed unless it is blocked (a task in its depends_on has
+# not completed) or delayed (its not_before, or a failure's backoff, is ahead).
+# A dependency that ends failed or cancelled, or is deleted, cancels it.
 # ---------------------------------------------------------------------------
 
 WAITING, WORKING, COMPLETED, FAILED, CANCELLED = (
