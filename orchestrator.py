@@ -79,7 +79,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -506,8 +506,10 @@ class Task:
     progress: str | None = None  #: the holder's last word on how far it has got
     progress_at: float | None = None
     not_before: float | None = None  #: while waiting, not claimable before this time
-    depends_on: list[str] = field(default_factory=list)  #: ids that must complete first
-    blocked_by: list[str] = field(default_factory=list)  #: of those, the ones not completed yet
+    # Most tasks have no dependencies: those share the empty tuple rather than hold two
+    # empty lists each. The store replaces these, never changes them in place.
+    depends_on: Sequence[str] = ()  #: ids that must complete first
+    blocked_by: Sequence[str] = ()  #: of those, the ones not completed yet
     #: The holder's secret for this one claim: a report that carries it is fenced to this lease.
     lease_token: str | None = field(default=None, repr=False)
     #: The started_at of the claim that made lease_token: how _restore tells a token an
@@ -1770,7 +1772,8 @@ class TaskStore:
                     raise Conflict(f"Idempotency-Key was already used with a different body, "
                                    f"by task {seen.id}", task_id=seen.id)
                 return seen.snapshot(), False
-            blocked_by = self._unfinished_dependencies(values["depends_on"])
+            values["depends_on"] = tuple(values["depends_on"])
+            blocked_by = tuple(self._unfinished_dependencies(values["depends_on"]))
             task = Task(
                 id=task_id,
                 blocked_by=blocked_by,
@@ -2224,7 +2227,7 @@ class TaskStore:
         """A waiting or working task stopped for good; the reason, if any, as its error."""
         if task.status == WAITING:
             self._unqueue(task)
-            task.blocked_by = []  # it waits for nothing any more
+            task.blocked_by = ()  # it waits for nothing any more
         if reason is not None:
             task.error_message = reason
         self._finish(task, CANCELLED, now)
@@ -2236,7 +2239,7 @@ class TaskStore:
         if task.status == FAILED:
             task.retry_count += 1
             self._retries_total += 1
-        task.blocked_by = self._unfinished_dependencies(task.depends_on, new=False)
+        task.blocked_by = tuple(self._unfinished_dependencies(task.depends_on, new=False))
         self._wait_on(task)
         self._requeue(task, now)
         events.append(_event("re-queued", task))
@@ -2281,14 +2284,14 @@ class TaskStore:
                 if (dependent is None or dependent.status != WAITING
                         or task_id not in dependent.blocked_by):
                     continue  # gone, or no longer waiting for it (cancelled, retried since)
-                dependent.blocked_by = [d for d in dependent.blocked_by if d != task_id]
+                dependent.blocked_by = tuple(d for d in dependent.blocked_by if d != task_id)
                 self._touch(dependent)
                 if ended is None and not dependent.blocked_by:
                     self._blocked_ids.discard(dependent.id)
                     self._place(dependent, dependent.queue_entry[1], now)
                 elif ended is not None:
                     self._unqueue(dependent)
-                    dependent.blocked_by = []
+                    dependent.blocked_by = ()
                     dependent.error_message = (
                         f"depends on task {task_id}, which {ended}" if task_id == task.id
                         else f"depends on task {task_id}, which was cancelled because {cause}")
@@ -2506,6 +2509,7 @@ class TaskStore:
             for row in rows:
                 place = row.pop("queue_seq")
                 task = Task(**row)
+                task.depends_on, task.blocked_by = tuple(task.depends_on), tuple(task.blocked_by)
                 if task.token_started_at != task.started_at:
                     task.lease_token = None  # left from an earlier claim: it fences nothing
                 self._tasks[task.id] = task
