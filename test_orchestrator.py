@@ -3535,7 +3535,7 @@ def test_list_directories_tool_shows_what_rest_shows(client, call_tool, make_tas
 
 def test_wait_for_task_says_plainly_whether_the_task_finished(call_tool, store):
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
-    waiting = call_tool("wait_for_task", {"task_id": task.id, "wait": 1})
+    waiting = call_tool("wait_for_task", {"task_id": task.id, "wait": 0})
     assert waiting["structuredContent"]["status"] == "waiting"
     assert waiting["content"][0]["text"].startswith(f"Task {task.id} has not finished")
     store.cancel(task.id)
