@@ -9,7 +9,7 @@ run: $(VENV)/installed
 	$(BIN)/python orchestrator.py
 
 test: $(VENV)/installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Reinstalls only when requirements.txt is newer than the last install.
 $(VENV)/installed: requirements.txt

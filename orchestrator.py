@@ -1582,7 +1582,6 @@ class _Directory:
     """One work directory's tasks, counted as they change: what the page shows per queue."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    total: int = 0
     waiting: _SortedKeys = field(default_factory=_SortedKeys)  #: (number, id), oldest first
     holders: dict[str, int] = field(default_factory=dict)  #: worker id -> tasks it holds here
 
@@ -2398,7 +2397,6 @@ class TaskStore:
         if directory is None:
             directory = self._directories[task.work_directory] = _Directory()
         directory.counts[task.status] += 1
-        directory.total += 1
         if task.status == WAITING:
             directory.waiting.add(key)
             self._directories_waiting += directory.counts[WAITING] == 1
@@ -2414,7 +2412,6 @@ class TaskStore:
         self._by_status[task.status].remove(key)
         directory = self._directories[task.work_directory]
         directory.counts[task.status] -= 1
-        directory.total -= 1
         if task.status == WAITING:
             directory.waiting.remove(key)
             self._directories_waiting -= directory.counts[WAITING] == 0
@@ -2428,7 +2425,7 @@ class TaskStore:
                 self._may_wake.notify_all()  # a claim may have waited for this slot
         elif task.status == COMPLETED:
             self._completed_seconds -= task.completed_at - task.started_at
-        if not directory.total:
+        if not any(directory.counts.values()):
             del self._directories[task.work_directory]
 
     def _place(self, task: Task, seq: int, now: float) -> None:

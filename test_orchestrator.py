@@ -44,6 +44,8 @@ from orchestrator import (
 )
 
 MODULE = Path(orchestrator.__file__)
+#: A well-formed task id that no store has: fixed, so that parallel runs collect alike.
+NO_SUCH_TASK = "0b7c1d2e-0000-4000-8000-000000000000"
 
 
 # ---------------------------------------------------------------------------
@@ -827,9 +829,9 @@ def test_dependencies_on_a_completed_task_do_not_block(store):
 
 
 @pytest.mark.parametrize("depends_on, status, field", [
-    ([str(uuid.uuid4())], 400, "depends_on"),
+    ([NO_SUCH_TASK], 400, "depends_on"),
     (["not-an-id"], 400, "depends_on[0]"),
-    ([str(uuid.uuid4())] * 51, 400, "depends_on"),
+    ([str(uuid.UUID(int=n)) for n in range(51)], 400, "depends_on"),
 ])
 def test_bad_dependencies_are_refused_and_change_nothing(client, store, depends_on, status,
                                                          field):
@@ -1248,7 +1250,7 @@ def test_retry_rejects_a_body_with_fields(client, make_task):
     client.post_json(task_url(make_task(), "retry"), {"force": True}, status=400)
 
 
-@pytest.mark.parametrize("task_id", [str(uuid.uuid4()), "not-a-uuid", "x" * 500, "%00"])
+@pytest.mark.parametrize("task_id", [NO_SUCH_TASK, "not-a-uuid", "x" * 500, "%00"])
 @pytest.mark.parametrize("method, action", [
     ("GET", ""), ("PATCH", ""), ("DELETE", ""), ("POST", "complete"), ("POST", "fail"),
     ("POST", "heartbeat"), ("POST", "cancel"), ("POST", "retry"),
@@ -1733,8 +1735,8 @@ def test_unknown_route_is_a_404_envelope(client):
 
 @pytest.mark.parametrize("method, path, allow", [
     ("DELETE", "/api/v1/tasks", "GET,POST"),
-    ("PUT", f"/api/v1/tasks/{uuid.uuid4()}", "DELETE,GET,PATCH"),
-    ("GET", f"/api/v1/tasks/{uuid.uuid4()}/complete", "POST"),
+    ("PUT", f"/api/v1/tasks/{NO_SUCH_TASK}", "DELETE,GET,PATCH"),
+    ("GET", f"/api/v1/tasks/{NO_SUCH_TASK}/complete", "POST"),
     ("DELETE", "/api/v1/tasks/next", "GET"),  # "next" is not a task id
     ("OPTIONS", "/api/v1/tasks/next", "GET"),
     ("POST", "/health", "GET"),
@@ -3288,7 +3290,7 @@ def call_tool(rpc):
 
 
 HANDSHAKE_VERSIONS = ["2025-03-26", "2025-06-18", "2025-11-25"]
-MISSING_ID = str(uuid.uuid4())
+MISSING_ID = NO_SUCH_TASK
 TOOL_NAMES = ["create_task", "acquire_task", "complete_task", "fail_task", "heartbeat_task",
               "release_task", "cancel_task", "retry_task", "get_task", "wait_for_task",
               "update_task", "delete_task", "list_tasks", "list_directories", "get_statistics"]
