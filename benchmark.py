@@ -117,7 +117,7 @@ SETTINGS = {"APP_SERVER_PORT": "0", "APP_SERVER_THREADS": "8", "APP_SECURITY_RAT
 CLAIM_PATH = "/api/v1/tasks/next?work_path=/bench&worker_id=bench"
 CREATE_BODY = {"work_directory": "/bench", "prompt": "Write the tests first, then the code.",
                "priority": "medium", "tags": ["bench"]}
-COMPLETE_BODY = {"worker_id": "bench", "result": {"summary": "done"}}
+COMPLETE_BODY = {"worker_id": "bench", "result": {"output": "done", "duration_ms": 1200}}
 #: About the size of one of our tasks in JSON, so that both servers encode alike.
 BARE_ANSWER = {"id": "0f8fad5b-d9cb-469f-a165-70867728950e", "prompt": "x" * 300,
                "work_directory": "/bench", "status": "waiting", "priority": "medium",

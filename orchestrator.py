@@ -577,11 +577,55 @@ _every_field = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 
 
 def _rfc3339(timestamp: float | None) -> str | None:
-    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
+    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None).
+
+    Every answer formats several of these, so the date and time of day are made once
+    per second; the digits are what datetime's isoformat(timespec="milliseconds") gives.
+    """
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    fraction, whole = math.modf(timestamp)
+    # As datetime.fromtimestamp rounds: to the nearest microsecond, then carried into seconds.
+    seconds, microseconds = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    return f"{_utc_second(seconds)}.{microseconds // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    """The UTC date and time of day of an epoch second, in RFC 3339 (four-digit years)."""
+    return "%04d-%02d-%02dT%02d:%02d:%02d" % time.gmtime(seconds)[:6]
+
+
+class _RandomBytes(threading.local):
+    """Cryptographically random bytes from the OS, read 4 KiB at a time per thread.
+
+    os.urandom is a system call that lets go of the GIL, and under load a thread
+    then waits its turn to get it back; a read per id and per token made every
+    create and claim pay that. Each byte is still used once, by one thread.
+    """
+
+    def __init__(self) -> None:
+        self.pool, self.used = b"", 0
+
+    def take(self, count: int) -> bytes:
+        """The next `count` unused bytes."""
+        if self.used + count > len(self.pool):
+            self.pool, self.used = os.urandom(4096), 0
+        self.used += count
+        return self.pool[self.used - count:self.used]
+
+
+_random_bytes = _RandomBytes()
+
+
+def _new_task_id() -> str:
+    """A random (version 4) UUID, as uuid.uuid4() makes it."""
+    return str(uuid.UUID(bytes=_random_bytes.take(16), version=4))
+
+
+def _new_lease_token() -> str:
+    """A secret of 24 random bytes in URL-safe base64, as secrets.token_urlsafe(24) makes it."""
+    return base64.urlsafe_b64encode(_random_bytes.take(24)).rstrip(b"=").decode("ascii")
 
 
 def _parse_rfc3339(text: str) -> float:
@@ -718,10 +762,14 @@ class Schema:
     fields: tuple[Field, ...]
     min_fields: int = 0  #: how many fields a payload must set at least
     one_of: tuple[str, ...] = ()  #: of these fields, a payload must set at least one
+    names: frozenset[str] = field(init=False, repr=False, compare=False)  #: of the fields
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", frozenset(f.name for f in self.fields))  # frozen
 
     def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
         """Validate a payload and return its cleaned fields, defaults filled in."""
-        known = {f.name for f in self.fields}
+        known = self.names
         unknown = sorted(key for key in payload if key not in known)
         if unknown:
             names = ", ".join(prefix + name for name in unknown)
@@ -1784,7 +1832,7 @@ class TaskStore:
             IDEMPOTENCY_HEADER.clean(idempotency_key, IDEMPOTENCY_HEADER.name)
             fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
         start = _start(values)
-        task_id = str(uuid.uuid4())  # os.urandom may release the GIL: not under the lock
+        task_id = _new_task_id()
         with self._transaction() as (now, events):
             if idempotency_key in self._idempotency:
                 seen = self._tasks[self._idempotency[idempotency_key]]
@@ -1826,7 +1874,7 @@ class TaskStore:
         unless max_waiters claims already wait (then it answers at once).
         """
         query = CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait})
-        lease_token = secrets.token_urlsafe(24)  # os.urandom may release the GIL: not locked
+        lease_token = _new_lease_token()
         with self._transaction() as (now, events):
             task = self._pop_queue(query["work_path"])
             if task is None and query["wait"] and self._waiters < self.max_waiters:
@@ -3033,8 +3081,10 @@ def _read_json(default: object) -> object:
         )
     raw = request.environ["wsgi.input"].read(length)
     try:
-        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                             parse_float=_finite_float)
+        text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        payload = _JSON_DECODER.decode(text)
     except UnicodeDecodeError:
         raise ValidationError("request body is not valid UTF-8") from None
     except RecursionError:
@@ -3057,6 +3107,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: One decoder for every body: json.loads with hooks would build a new one per call.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _query_pairs() -> Iterator[tuple[str, str]]:
     """The query string's (name, value) pairs, decoded as UTF-8; ValidationError naming a bad one.
 
@@ -3067,7 +3121,8 @@ def _query_pairs() -> Iterator[tuple[str, str]]:
         if not pair:
             continue
         name, _, value = pair.partition(b"=")
-        name, value = (unquote_to_bytes(part.replace(b"+", b" ")) for part in (name, value))
+        if b"%" in pair or b"+" in pair:  # most queries have nothing to undo
+            name, value = (unquote_to_bytes(part.replace(b"+", b" ")) for part in (name, value))
         try:
             name = name.decode("utf-8")
         except UnicodeDecodeError:
