@@ -145,7 +145,7 @@ def serve(kind: str, fill: int) -> None:
 
     Ours is built as `orchestrator.py` builds it; `fill` tasks are created in /bench first.
     """
-    from orchestrator import Config, _configure_logging, _Server, create_app
+    from orchestrator import Config, _configure_logging, _pace_the_collector, _Server, create_app
     config = Config.from_env()
     if kind == "bare":
         server = _Server(bare_app(), config)
@@ -155,9 +155,19 @@ def serve(kind: str, fill: int) -> None:
             store.create({**CREATE_BODY, "prompt": f"task {i}"})
         server = _Server(create_app(config, store), config)
     _configure_logging(config)
+    _pace_the_collector()  # as orchestrator.py does once its data file is loaded
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" under load
     print(server.url, flush=True)
     server.run()
+
+
+def _on_core(core: int) -> list[str]:
+    """The command prefix that keeps a process on one core, where taskset is installed.
+
+    The servers run on one core and the load on the other: without that, the
+    scheduler moves them about and the figures wander by a fifth from run to run.
+    """
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
 
 
 class Server:
@@ -165,7 +175,8 @@ class Server:
 
     def __init__(self, kind: str, fill: int = 0, **environment: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "serve", kind, str(fill)], text=True,
+            [*_on_core(1), sys.executable, os.path.abspath(__file__), "serve", kind, str(fill)],
+            text=True,
             stdout=subprocess.PIPE, env={**os.environ, **SETTINGS, **environment},
             cwd=os.path.dirname(os.path.abspath(__file__)))
         self.url = self.process.stdout.readline().strip()
@@ -257,7 +268,7 @@ def _wrk(url, path, body, ids, seconds) -> Load:
             elif body is not None:
                 file.write(WRK_POST % json.dumps(body))
         output = subprocess.run(
-            ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
+            [*_on_core(0), "wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
              url + (path if ids is None else "/"), *extra], capture_output=True, text=True, check=True).stdout
     milliseconds = {"us": 1e-3, "ms": 1, "s": 1e3}
     maximum = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", output)

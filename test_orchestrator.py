@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -2230,6 +2231,44 @@ def test_importing_the_module_has_no_side_effects():
             "assert not logging.getLogger('orchestrator').handlers")
     result = subprocess.run([sys.executable, "-c", code], cwd=MODULE.parent,
                             capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+
+def test_importing_the_module_leaves_the_garbage_collector_alone():
+    code = "import gc, orchestrator; assert not gc.callbacks and not gc.get_freeze_count()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=MODULE.parent,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_server_keeps_tasks_out_of_full_collections_and_thaws_once_the_frozen_set_doubles():
+    code = textwrap.dedent("""
+        import gc, weakref, orchestrator
+        orchestrator._pace_the_collector()
+        store = orchestrator.TaskStore()
+        before = gc.get_freeze_count()
+        for n in range(1000):
+            store.create({"work_directory": "/repo", "prompt": f"task {n}"})
+        gc.collect()
+        assert gc.get_freeze_count() >= before + 1000, "the survivors of a full pass are frozen"
+
+        class Node:
+            pass
+        node = Node()
+        node.itself = node  # a cycle: only the collector can free it
+        alive = weakref.ref(node)
+        gc.collect()
+        del node
+        gc.collect()
+        assert alive() is not None, "frozen, so a full pass does not scan it"
+        ballast = [[] for _ in range(2 * gc.get_freeze_count())]
+        for _ in range(3):  # frozen, thawed (the frozen set doubled), scanned
+            gc.collect()
+        assert alive() is None, "the pass after a thaw frees it"
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=MODULE.parent,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
