@@ -139,7 +139,7 @@ logger = logging.getLogger("orchestrator")
 
 
 # ---------------------------------------------------------------------------
-# Configuration
+# Configuration: every setting, read once from APP_* variables into a frozen Config
 # ---------------------------------------------------------------------------
 
 #: Where the client commands (work, mcp-stdio) find the server unless told otherwise.
@@ -460,7 +460,7 @@ class RateLimited(OrchestratorError):
 
 
 # ---------------------------------------------------------------------------
-# The task and its life cycle
+# The task and its life cycle: the dataclass, its statuses and how it moves between them
 #
 #   create --> waiting --claim--> working --complete--> completed
 #                 ^  |               |  \--fail, or lease expired:
@@ -1581,7 +1581,7 @@ class _Journal:
 
 
 # ---------------------------------------------------------------------------
-# The store
+# The store: every task behind one lock; each operation is one step under it
 # ---------------------------------------------------------------------------
 
 class _SortedKeys:
@@ -2735,7 +2735,7 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The rate limiter
+# The rate limiter: a sliding window of request times per client address
 # ---------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -4246,7 +4246,7 @@ def _mcp_operation() -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Serving and the command line
+# Serving and the command line: waitress in a thread, the client commands, the worker
 # ---------------------------------------------------------------------------
 
 def create_app(config: Config | None = None, store: TaskStore | None = None) -> bottle.Bottle:

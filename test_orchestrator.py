@@ -5112,3 +5112,39 @@ def test_with_an_api_key_the_page_asks_for_it_once_then_works(browser):
             "return sessionStorage.getItem('orchestrator-api-key')") == "s3cret"
         assert "s3cret" not in browser.current_url
         assert browser.get_cookies() == []
+
+
+# ---------------------------------------------------------------------------
+# The README's tour of the module stays true
+# ---------------------------------------------------------------------------
+
+def _reading_the_code() -> str:
+    """The README's "Reading the code" section."""
+    readme = (MODULE.parent / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## Reading the code\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _defined_in_module(name: str) -> bool:
+    """Whether the module's source defines the name: a def, a class, an assignment or a field."""
+    source = MODULE.read_text(encoding="utf-8")
+    return re.search(rf"(\b(def|class) {name}\b)|(^|[\s.(,]){name}(: [^\n]*)?( =|:)", source,
+                     re.MULTILINE) is not None
+
+
+def test_reading_the_code_names_only_what_the_module_defines():
+    spans = re.findall(r"`([^`]+)`", _reading_the_code())
+    names = {span for span in spans
+             if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", span) and not span.endswith(".py")}
+    assert len(names) > 40, "the tour names the module's parts"
+    missing = sorted(name for name in names
+                     if not all(_defined_in_module(part) for part in name.split(".")))
+    assert not missing, f"the README's tour names what the module does not define: {missing}"
+
+
+def test_reading_the_code_exercises_name_tests_that_exist():
+    tests = [name for name in dir(sys.modules[__name__]) if name.startswith("test_")]
+    selections = re.findall(r"`-k '?([^`']+)'?`", _reading_the_code())
+    assert len(selections) >= 6
+    for selection in selections:
+        for term in selection.split(" or "):
+            assert any(term in test for test in tests), f"no test matches -k {term}"
