@@ -535,19 +535,21 @@ class Task:
         copied.tags = list(self.tags)
         copied.depends_on = list(self.depends_on)
         copied.blocked_by = list(self.blocked_by)
-        copied.metadata = copy.deepcopy(self.metadata) if self.metadata else {}
-        copied.result = None if self.result is None else copy.deepcopy(self.result)
+        copied.metadata = _copy_json(self.metadata)
+        copied.result = _copy_json(self.result)
         if not with_lease_token:
             copied.lease_token = None
         return copied
 
     def to_dict(self) -> dict:
         """The task as the API shows it, timestamps in RFC 3339 UTC."""
-        # A new task was updated when it was created, a claimed one when it started: the
-        # same instants, each formatted once.
+        # A new task was updated when it was created, a claimed one when it started, a
+        # finished one when it finished: the same instants, each formatted once.
         created_at = _rfc3339(self.created_at)
         updated_at = created_at if self.updated_at == self.created_at else _rfc3339(self.updated_at)
         started_at = updated_at if self.started_at == self.updated_at else _rfc3339(self.started_at)
+        completed_at = (updated_at if self.completed_at == self.updated_at
+                        else _rfc3339(self.completed_at))
         return {
             "id": self.id,
             "work_directory": self.work_directory,
@@ -560,7 +562,7 @@ class Task:
             "created_at": created_at,
             "updated_at": updated_at,
             "started_at": started_at,
-            "completed_at": _rfc3339(self.completed_at),
+            "completed_at": completed_at,
             "lease_expires_at": _rfc3339(self.lease_expires_at),
             "result": self.result,
             "error_message": self.error_message,
@@ -572,6 +574,16 @@ class Task:
             "blocked_by": list(self.blocked_by),
             "max_retries": self.max_retries,
         }
+
+
+def _copy_json(value: object) -> object:
+    """A copy of a JSON value that shares no dict or list with it: what copy.deepcopy
+    gives for metadata and results, without its bookkeeping for cycles and classes."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
 
 
 #: A task's fields in declaration order, read in one call: snapshot() passes them on.
