@@ -1,10 +1,13 @@
-"""Measure the store's costs: `python benchmark.py` (or `make bench`).
+"""Measure the orchestrator's costs: `python benchmark.py [store|http]` (or `make bench`).
 
-Times are compared as ratios within one run (the machine is shared and noisy):
-each operation runs on a store of 1,000 tasks and on one of 100,000, and each
-figure is the best mean of several repeats. Memory is measured with tracemalloc.
-Then the data file: throughput over HTTP with 8 clients, in memory against
-APP_DATA_SYNC=full and normal, and the time to load 100,000 tasks at startup.
+Times are compared as ratios within one run (the machine is shared and noisy).
+The store: each operation runs on a store of 1,000 tasks and on one of 100,000,
+each figure the best mean of several repeats; memory is measured with tracemalloc.
+Over HTTP: each route against a bare Bottle app on the same waitress settings
+(the floor), in alternating rounds, with wrk when it is installed; creates on
+1,000 and 100,000 tasks (p99 and the slowest request, collector pauses
+included); the data file against memory with 8 clients; and the time to load
+100,000 tasks at startup. Exit status 1 when a figure misses its target.
 """
 
 import copy
