@@ -2747,7 +2747,7 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The rate limiter: a sliding window of request times per client address
+# The rate limiter: a sliding window of request counts per client address
 # ---------------------------------------------------------------------------
 
 @dataclass(slots=True)
