@@ -61,7 +61,6 @@ import posixpath
 import queue
 import random
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -77,12 +76,11 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import bottle
