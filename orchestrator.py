@@ -2074,9 +2074,11 @@ class TaskStore:
     def health(self) -> dict:
         """The few numbers /health shows: uptime, and how many tasks, waiting and working."""
         with self._transaction() as (now, _):
-            return {"uptime_seconds": round(now - self._started_at, 3), "total": len(self._tasks),
-                    "waiting": len(self._by_status[WAITING]),
-                    "working": len(self._by_status[WORKING])}
+            return {
+                "uptime_seconds": round(now - self._started_at, 3),
+                "tasks": {"total": len(self._tasks), "waiting": len(self._by_status[WAITING]),
+                          "working": len(self._by_status[WORKING])},
+            }
 
     def statistics(self) -> dict:
         """Counts by status, success rate, retries, expired leases, mean duration; O(1)."""
@@ -3305,13 +3307,7 @@ def _statistics(store: TaskStore, fields: dict) -> dict:
 def _health(store: TaskStore, fields: dict) -> dict:
     """Liveness, version, uptime and queue depth."""
     response.set_header("Access-Control-Allow-Origin", "*")  # public, read-only
-    numbers = store.health()
-    return {
-        "status": "healthy",
-        "version": __version__,
-        "uptime_seconds": numbers.pop("uptime_seconds"),
-        "tasks": numbers,
-    }
+    return {"status": "healthy", "version": __version__, **store.health()}
 
 
 @dataclass(frozen=True, slots=True)
