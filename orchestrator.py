@@ -687,23 +687,35 @@ class Field:
     max_depth: int | None = None  #: how deeply an object may nest
     schema: Schema | None = None  #: the declared fields of an object
     normalize: Callable[[object], object] | None = None
+    #: Derived once from the fields above, as the declaration is frozen: every request
+    #: checks against them.
+    matcher: re.Pattern | None = field(init=False, repr=False, compare=False)
+    plain: bool = field(init=False, repr=False, compare=False)  #: nothing to normalize or pick
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matcher", None if self.pattern is None else _ecma_anchored(self.pattern))
+        object.__setattr__(self, "plain", self.normalize is None and not self.case_insensitive
+                           and self.enum is None)
 
     def clean(self, value: object, path: str) -> object:
         """Check a value against this field and return it normalized; raise ValidationError."""
-        if self.type == "integer" and isinstance(value, float) and value.is_integer():
-            value = int(value)  # JSON Schema counts 3.0 as an integer
-        if not isinstance(value, _JSON_TYPES[self.type]) or (
-            self.type == "integer" and isinstance(value, bool)
-        ):
-            raise _invalid(path, f"must be {'an' if self.type[0] in 'aeiou' else 'a'} {self.type}")
-        if self.type == "string":
+        kind = self.type
+        if kind == "string" and isinstance(value, str):  # most fields: checked first
             self._check_string(value, path)
-        elif self.type == "integer":
+        elif kind == "integer" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema counts 3.0 as an integer
             self._check_range(value, path)
-        elif self.type == "array":
+        elif not isinstance(value, _JSON_TYPES[kind]) or (kind == "integer"
+                                                          and isinstance(value, bool)):
+            raise _invalid(path, f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+        elif kind == "integer":
+            self._check_range(value, path)
+        elif kind == "array":
             value = self._clean_items(value, path)
-        elif self.type == "object":
+        elif kind == "object":
             value = self._clean_object(value, path)
+        if self.plain:
+            return value
         if self.normalize is not None:
             value = self.normalize(value)
         if self.case_insensitive:
@@ -741,7 +753,7 @@ class Field:
                            else f"must be at least {self.min_length} characters")
         if self.max_length is not None and len(value) > self.max_length:
             raise _invalid(path, f"must be at most {self.max_length} characters")
-        if self.pattern is not None and not _ecma_anchored(self.pattern).search(value):
+        if self.matcher is not None and not self.matcher.search(value):
             raise _invalid(path, self.pattern_rule)
         if not value.isascii() and _SURROGATES.search(value):
             raise _invalid(path, "must be valid Unicode (no lone surrogates)")
@@ -779,15 +791,18 @@ class Schema:
     min_fields: int = 0  #: how many fields a payload must set at least
     one_of: tuple[str, ...] = ()  #: of these fields, a payload must set at least one
     names: frozenset[str] = field(init=False, repr=False, compare=False)  #: of the fields
+    by_name: dict[str, Field] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "names", frozenset(f.name for f in self.fields))  # frozen
+        # Derived once, as the declaration is frozen: every request looks fields up by name.
+        object.__setattr__(self, "names", frozenset(f.name for f in self.fields))
+        object.__setattr__(self, "by_name", {f.name: f for f in self.fields})
 
     def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
         """Validate a payload and return its cleaned fields, defaults filled in."""
         known = self.names
-        unknown = sorted(key for key in payload if key not in known)
-        if unknown:
+        if not known.issuperset(payload):
+            unknown = sorted(key for key in payload if key not in known)
             names = ", ".join(prefix + name for name in unknown)
             raise ValidationError(
                 f"unknown fields: {names}; allowed: {', '.join(sorted(known)) or 'none'}",
@@ -795,13 +810,15 @@ class Schema:
             )
         cleaned = {}
         for declared in self.fields:
-            path = prefix + declared.name
-            if declared.name in payload:
-                cleaned[declared.name] = declared.clean(payload[declared.name], path)
+            name = declared.name
+            if name in payload:
+                cleaned[name] = declared.clean(payload[name], prefix + name)
             elif declared.required:
-                raise _invalid(path, "is required")
+                raise _invalid(prefix + name, "is required")
             elif declared.default is not None:
-                cleaned[declared.name] = copy.copy(declared.default)
+                # A shallow copy, as copy.copy makes it at a fraction of the cost: a new
+                # list or dict, the same string or number.
+                cleaned[name] = type(declared.default)(declared.default)
         if len(payload) < self.min_fields:
             rule = f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
             raise _invalid(prefix[:-1], rule) if prefix else ValidationError(rule)
@@ -832,7 +849,7 @@ class Schema:
 
     def field(self, name: str) -> Field | None:
         """The declared field of that name, if any."""
-        return next((f for f in self.fields if f.name == name), None)
+        return self.by_name.get(name)
 
     def partial(self, name: str) -> Schema:
         """The same fields, none required or defaulted, at least one sent: a partial update."""
@@ -1823,6 +1840,9 @@ class TaskStore:
         self._workers: OrderedDict[str, _WorkerRecord] = OrderedDict()
         self._leases: list[tuple[float, str]] = []  # heap of (lease_expires_at, id)
         self._finished: list[tuple[float, str]] = []  # heap of (completed_at, id)
+        #: No entry of the three heaps above, and no worker, comes due before this time:
+        #: most operations then look at this one number. It may be early, never late.
+        self._next_due = -math.inf
         self._idempotency: dict[str, str] = {}  # key -> task id
         self._sequence = 0  # the last number handed out, for creation order and queue places
         self._completed_seconds = 0.0  # started -> completed, summed over completed tasks
@@ -2235,9 +2255,11 @@ class TaskStore:
         """Queue the delayed tasks that are due, fail the leases that expired, drop
         finished tasks past retention, forget workers unseen for WORKER_MEMORY seconds.
 
-        Every operation starts here, and mostly nothing is due: that case costs a
-        look at the top of each heap.
+        Every operation starts here, and mostly nothing is due: that case costs one
+        comparison with _next_due.
         """
+        if now < self._next_due:
+            return
         if _due(self._delayed, now):
             self._queue_due(now)
         if _due(self._leases, now):
@@ -2245,6 +2267,19 @@ class TaskStore:
         if self.retention and _due(self._finished, now - self.retention):
             self._drop_retained(now - self.retention, events)
         self._forget_workers(now)
+        self._next_due = min(
+            self._delayed[0][0] if self._delayed else math.inf,
+            self._leases[0][0] if self._leases else math.inf,
+            self._finished[0][0] + self.retention if self.retention and self._finished
+            else math.inf,
+            next(iter(self._workers.values())).last_seen + WORKER_MEMORY if self._workers
+            else math.inf,
+        )
+
+    def _due_by(self, deadline: float) -> None:
+        """Note an entry that comes due at `deadline`, so that _settle looks for it then."""
+        if deadline < self._next_due:
+            self._next_due = deadline
 
     def _queue_due(self, now: float) -> None:
         """Move the delayed tasks whose not_before has come into their queues."""
@@ -2470,11 +2505,13 @@ class TaskStore:
         self._set_status(task, status, now)
         if self.retention:
             heapq.heappush(self._finished, (now, task.id))
+            self._due_by(now + self.retention)
 
     def _lease(self, task: Task, now: float) -> None:
         """Give the holder a lease of one task timeout from now."""
         task.lease_expires_at = now + self.task_timeout
         heapq.heappush(self._leases, (task.lease_expires_at, task.id))
+        self._due_by(task.lease_expires_at)
         self._touch(task)
 
     def _set_status(self, task: Task, status: str, now: float) -> None:
@@ -2505,6 +2542,7 @@ class TaskStore:
         elif outcome == FAILED:
             record.failed += 1
         self._workers[worker_id] = record  # now the most recently seen
+        self._due_by(now + WORKER_MEMORY)
         if len(self._workers) > self.max_workers:
             self._workers.popitem(last=False)
 
@@ -2584,6 +2622,7 @@ class TaskStore:
             return
         task.queue_entry = (task.not_before, seq, task.id)  # its place in time, kept for later
         heapq.heappush(self._delayed, task.queue_entry)
+        self._due_by(task.not_before)
         self._delayed_ids.add(task.id)
 
     def _enqueue(self, task: Task, seq: int) -> None:
@@ -3194,6 +3233,9 @@ def _query_pairs() -> Iterator[tuple[str, str]]:
             raise _invalid(name, "must be valid UTF-8") from None
 
 
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,4000}")
+
+
 def _query(schema: Schema) -> dict:
     """The query string checked against its declaration, integers converted.
 
@@ -3208,7 +3250,7 @@ def _query(schema: Schema) -> dict:
         declared = schema.field(name)
         if declared is not None and declared.type == "integer":
             # Python refuses to parse more than 4300 digits; far past any bound anyway.
-            if not re.fullmatch(r"-?[0-9]{1,4000}", value):
+            if not _INTEGER_TEXT.fullmatch(value):
                 raise _invalid(name, "must be an integer")
             query[name] = int(value)
         else:
