@@ -541,13 +541,7 @@ class Task:
 
     def to_dict(self) -> dict:
         """The task as the API shows it, timestamps in RFC 3339 UTC."""
-        # A new task was updated when it was created, a claimed one when it started, a
-        # finished one when it finished: the same instants, each formatted once.
-        created_at = _rfc3339(self.created_at)
-        updated_at = created_at if self.updated_at == self.created_at else _rfc3339(self.updated_at)
-        started_at = updated_at if self.started_at == self.updated_at else _rfc3339(self.started_at)
-        completed_at = (updated_at if self.completed_at == self.updated_at
-                        else _rfc3339(self.completed_at))
+        instant = _remembered_instant  # the nullable ones are looked at here: most are None
         return {
             "id": self.id,
             "work_directory": self.work_directory,
@@ -557,17 +551,18 @@ class Task:
             "metadata": self.metadata,
             "status": self.status,
             "worker_id": self.worker_id,
-            "created_at": created_at,
-            "updated_at": updated_at,
-            "started_at": started_at,
-            "completed_at": completed_at,
-            "lease_expires_at": _rfc3339(self.lease_expires_at),
+            "created_at": instant(self.created_at),
+            "updated_at": instant(self.updated_at),
+            "started_at": None if self.started_at is None else instant(self.started_at),
+            "completed_at": None if self.completed_at is None else instant(self.completed_at),
+            "lease_expires_at": (None if self.lease_expires_at is None
+                                 else instant(self.lease_expires_at)),
             "result": self.result,
             "error_message": self.error_message,
             "retry_count": self.retry_count,
             "progress": self.progress,
-            "progress_at": _rfc3339(self.progress_at),
-            "not_before": _rfc3339(self.not_before),
+            "progress_at": None if self.progress_at is None else instant(self.progress_at),
+            "not_before": None if self.not_before is None else instant(self.not_before),
             "depends_on": list(self.depends_on),
             "blocked_by": list(self.blocked_by),
             "max_retries": self.max_retries,
@@ -589,17 +584,26 @@ _every_field = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 
 
 def _rfc3339(timestamp: float | None) -> str | None:
-    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None).
+    """Epoch seconds as an RFC 3339 UTC string ending in Z (None stays None)."""
+    return None if timestamp is None else _instant(timestamp)
+
+
+def _instant(timestamp: float) -> str:
+    """Epoch seconds as an RFC 3339 UTC string ending in Z, such as 2026-12-03T10:00:00.123Z.
 
     Every answer formats several of these, so the date and time of day are made once
     per second; the digits are what datetime's isoformat(timespec="milliseconds") gives.
     """
-    if timestamp is None:
-        return None
     fraction, whole = math.modf(timestamp)
     # As datetime.fromtimestamp rounds: to the nearest microsecond, then carried into seconds.
     seconds, microseconds = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
     return f"{_utc_second(seconds)}.{microseconds // 1000:03d}Z"
+
+
+#: A task's instants are shown again and again (each answer about it, each list and page
+#: that holds it), and each is formatted once while it is among the last 4096 shown.
+#: The current time (the envelope's timestamp) is new each time: _instant formats it.
+_remembered_instant = functools.lru_cache(maxsize=4096)(_instant)
 
 
 @functools.lru_cache(maxsize=64)
@@ -2912,7 +2916,7 @@ def _envelope(data: object = None, error: OrchestratorError | None = None) -> by
         "error": None if error is None else {
             "code": error.code, "message": error.message, "details": error.details,
         },
-        "timestamp": _rfc3339(time.time()),
+        "timestamp": _instant(time.time()),
     }
     return _utf8_json(body)
 
