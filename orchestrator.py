@@ -579,6 +579,9 @@ def _copy_json(value: object) -> object:
     return value
 
 
+#: What a store operation hands a task out as: a snapshot (Task), or the API's dict.
+_View = typing.TypeVar("_View")
+
 #: A task's fields in declaration order, read in one call: snapshot() passes them on.
 _every_field = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 
@@ -1906,6 +1909,17 @@ class TaskStore:
     def create(self, fields: Mapping[str, object], idempotency_key: str | None = None
                ) -> tuple[Task, bool]:
         """Queue a new task; return it and whether it was created (False: the key was seen)."""
+        return self._create(fields, idempotency_key, Task.snapshot)
+
+    # The REST routes call the _private forms of the busiest operations with `view` set
+    # to Task.to_dict (or _claimed_dict): the answer is made under the lock, with no
+    # snapshot copied first. Its metadata and result are the task's own, which is safe
+    # because the store replaces them, never changes them, and the answer is encoded
+    # to JSON at once.
+
+    def _create(self, fields: Mapping[str, object], idempotency_key: str | None,
+                view: Callable[[Task], _View]) -> tuple[_View, bool]:
+        """create(), the task handed out through `view`."""
         values = TASK_CREATE.clean(fields)
         fingerprint = None
         if idempotency_key is not None:
@@ -1919,7 +1933,7 @@ class TaskStore:
                 if seen.fingerprint != fingerprint:
                     raise Conflict(f"Idempotency-Key was already used with a different body, "
                                    f"by task {seen.id}", task_id=seen.id)
-                return seen.snapshot(), False
+                return view(seen), False
             values["depends_on"] = tuple(values["depends_on"])
             values["tags"] = tuple(values["tags"])
             blocked_by = tuple(self._unfinished_dependencies(values["depends_on"]))
@@ -1944,7 +1958,7 @@ class TaskStore:
                 self._idempotency[idempotency_key] = task.id
             self._touch(task)
             events.append(_event("created", task, prompt=_shorten(task.prompt)))
-            return task.snapshot(), True
+            return view(task), True
 
     def claim(self, work_path: str, worker_id: str, wait: float = 0) -> Task | None:
         """Hand the next waiting task of a directory to a worker, or None when none waits.
@@ -1954,9 +1968,10 @@ class TaskStore:
         unless max_waiters claims already wait (then it answers at once).
         """
         return self._claim(
-            CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait}))
+            CLAIM_QUERY.clean({"work_path": work_path, "worker_id": worker_id, "wait": wait}),
+            functools.partial(Task.snapshot, with_lease_token=True))
 
-    def _claim(self, query: dict) -> Task | None:
+    def _claim(self, query: dict, view: Callable[[Task], _View]) -> _View | None:
         """claim(), its arguments already checked against CLAIM_QUERY (the REST route's are)."""
         lease_token = _new_lease_token()
         with self._transaction() as (now, events):
@@ -1975,10 +1990,15 @@ class TaskStore:
             self._claimed_total += 1
             self._wait_seconds.observe(now - task.created_at)
             events.append(_event("claimed", task))
-            return task.snapshot(with_lease_token=True)
+            return view(task)
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
+        return self._complete(task_id, fields, Task.snapshot)
+
+    def _complete(self, task_id: str, fields: Mapping[str, object] | None,
+                  view: Callable[[Task], _View]) -> _View:
+        """complete(), the task handed out through `view`."""
         values = self._report_body(TASK_COMPLETE).clean(fields or {})
         result = values.get("result") or RESULT.clean({})
         with self._transaction() as (now, events):
@@ -1995,7 +2015,7 @@ class TaskStore:
                 self._finish(task, COMPLETED, now)
                 events.append(_event("completed", task))
                 self._settle_dependents(task, None, now, events)
-            return task.snapshot()
+            return view(task)
 
     def fail(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Record the holder's failure: re-queued while retries are left, else failed."""
@@ -2069,9 +2089,9 @@ class TaskStore:
     def get(self, task_id: str, wait: float = 0) -> Task:
         """The task with that id; with `wait`, once it has finished or that many seconds
         have passed (at once when max_waiters requests already wait)."""
-        return self._get(task_id, READ_QUERY.clean({"wait": wait}))
+        return self._get(task_id, READ_QUERY.clean({"wait": wait}), Task.snapshot)
 
-    def _get(self, task_id: str, query: dict) -> Task:
+    def _get(self, task_id: str, query: dict, view: Callable[[Task], _View]) -> _View:
         """get(), its arguments already checked against READ_QUERY (the REST route's are)."""
         def finished(now: float) -> Task | None:
             task = self._find(task_id)  # NotFound once deleted
@@ -2081,7 +2101,7 @@ class TaskStore:
             task = self._find(task_id)
             if task.status not in FINISHED and query["wait"] and self._waiters < self.max_waiters:
                 task = self._wait_until(finished, query["wait"], events)[0] or task
-            return task.snapshot()
+            return view(task)
 
     def update(self, task_id: str, fields: Mapping[str, object]) -> Task:
         """Change a waiting task's fields; a new priority or directory keeps its place in time."""
@@ -3273,23 +3293,28 @@ def _query(schema: Schema) -> dict:
 
 def _create_task(store: TaskStore, fields: dict) -> dict:
     """Create a task; a repeated Idempotency-Key returns the first one (200)."""
-    task, created = store.create(fields, _header(IDEMPOTENCY_HEADER.name))
+    task, created = store._create(fields, _header(IDEMPOTENCY_HEADER.name), Task.to_dict)
     if created:
         response.status = 201
-        response.set_header("Location", f"/api/v1/tasks/{task.id}")
-    return task.to_dict()
+        response.set_header("Location", f"/api/v1/tasks/{task['id']}")
+    return task
 
 
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
     """Claim the next waiting task of a directory, with its lease token; null when none waits."""
     response.set_header("Cache-Control", "no-store")  # it may carry a lease token
-    task = store._claim(fields)  # _query has checked them
+    task = store._claim(fields, _claimed_dict)  # _query has checked them
     if task is None or _handed_back_if_gone(store, task):
         return None
+    return task
+
+
+def _claimed_dict(task: Task) -> dict:
+    """A claimed task as the API shows it to its claimant: with its lease token."""
     return {**task.to_dict(), "lease_token": task.lease_token}
 
 
-def _handed_back_if_gone(store: TaskStore, task: Task) -> bool:
+def _handed_back_if_gone(store: TaskStore, task: dict) -> bool:
     """Release a just-claimed task if its claimant has hung up; whether it did.
 
     A long-poll claimant may leave while it waits (a worker stopped by Ctrl-C):
@@ -3299,13 +3324,13 @@ def _handed_back_if_gone(store: TaskStore, task: Task) -> bool:
     hung_up = request.environ.get("waitress.client_disconnected")
     if hung_up is None or not hung_up():
         return False
-    store.release(task.id, {"lease_token": task.lease_token})
+    store.release(task["id"], {"lease_token": task["lease_token"]})
     return True
 
 
 def _complete_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Report a held task done."""
-    return store.complete(task_id, fields).to_dict()
+    return store._complete(task_id, fields, Task.to_dict)
 
 
 def _fail_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -3335,7 +3360,7 @@ def _retry_task(store: TaskStore, fields: dict, task_id: str) -> dict:
 
 def _get_task(store: TaskStore, fields: dict, task_id: str) -> dict:
     """Read one task; with wait, once it has finished (or the wait is over)."""
-    return store._get(task_id, fields).to_dict()  # _query has checked them
+    return store._get(task_id, fields, Task.to_dict)  # _query has checked them
 
 
 def _update_task(store: TaskStore, fields: dict, task_id: str) -> dict:
@@ -3806,7 +3831,7 @@ def _through_rest(handler: Callable[..., object]) -> Callable[[TaskStore, dict],
 def _create_by_tool(store: TaskStore, arguments: dict) -> dict:
     """create_task: the idempotency key travels as an argument, and no 201 is set."""
     key = arguments.pop("idempotency_key", None)
-    return store.create(arguments, key)[0].to_dict()
+    return store._create(arguments, key, Task.to_dict)[0]
 
 
 def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
