@@ -157,6 +157,37 @@ def test_every_timestamp_is_rfc3339_utc(make_task, clock):
     assert clock.now == 1_800_000_000.0
 
 
+def test_answers_made_under_the_lock_show_what_a_snapshot_shows(client, make_task, claim,
+                                                                store, clock):
+    # create, claim, get and complete answer through Task.to_dict under the lock, not
+    # from a snapshot: at every step the answer is the snapshot's dict.
+    created = make_task(tags=["a", "b"], metadata={"k": [1, {"x": None}]}, delay_seconds=5)
+    assert created == store.get(created["id"]).to_dict()
+    clock.advance(7.0004)
+    claimed = claim()
+    assert claimed == {**store.get(claimed["id"]).to_dict(), "lease_token": claimed["lease_token"]}
+    clock.advance(1.5)
+    read = client.get(task_url(claimed)).json["data"]
+    assert read == store.get(claimed["id"]).to_dict()
+    clock.advance(2.25)
+    done = client.post_json(task_url(claimed, "complete"), {
+        "lease_token": claimed["lease_token"], "result": {"output": "ok", "duration_ms": 3}},
+    ).json["data"]
+    assert done == store.get(claimed["id"]).to_dict()
+    assert done["completed_at"] == orchestrator._rfc3339(clock()) != done["started_at"]
+    assert done["result"] == {"status": "success", "output": "ok", "duration_ms": 3}
+
+
+def test_a_remembered_timestamp_reads_as_a_fresh_one(make_task, clock):
+    # Instants are formatted once while recent; the same instant reads the same either way.
+    orchestrator._remembered_instant.cache_clear()
+    first = make_task()
+    assert orchestrator._remembered_instant.cache_info().currsize >= 1
+    assert first["created_at"] == orchestrator._instant(clock()) == "2027-01-15T08:00:00.000Z"
+    clock.advance(0.0015)
+    assert make_task()["created_at"] == "2027-01-15T08:00:00.001Z"
+
+
 @pytest.mark.parametrize("given, stored", [
     ("/a//b/", "/a/b"),
     ("/a/./b/../c", "/a/c"),
