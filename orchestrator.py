@@ -1442,7 +1442,11 @@ class _Journal:
         #: The journal's own lock (never the store's); it guards the attributes below.
         self._guard = threading.Lock()
         self._wake = threading.Condition(self._guard)  # for the writer: a waiter wants a commit
-        self._settled = threading.Condition(self._guard)  # for the waiters: a batch has settled
+        #: For the waiters, one per batch: the batch being written (the tickets up to _taken)
+        #: and the next. A batch that settles wakes only its own waiters: each is one switch
+        #: of threads, and waking the next batch's too would only send them back to sleep.
+        self._this_batch = threading.Condition(self._guard)
+        self._next_batch = threading.Condition(self._guard)
         self._asked = False  # a waiter wants a commit the writer has not started yet
         self._stopping = False
         self._closed = False
@@ -1493,7 +1497,7 @@ class _Journal:
                 self._asked = True
                 self._wake.notify()
                 while not self._is_settled(ticket):
-                    self._settled.wait()
+                    (self._this_batch if ticket <= self._taken else self._next_batch).wait()
             if ticket <= self._committed:
                 return
             failure = self._failure if ticket <= self._failed else "the journal is closed"
@@ -1520,7 +1524,8 @@ class _Journal:
             os.close(self._lock_descriptor)
             with self._guard:
                 self._closed = True
-                self._settled.notify_all()
+                self._this_batch.notify_all()
+                self._next_batch.notify_all()
         if lost:
             raise StorageError(
                 f"could not save the last {lost} changes to {self.path}: {self._failure}")
@@ -1539,13 +1544,15 @@ class _Journal:
                     self._wake.wait()
                 self._asked = False
                 stopping = self._stopping
+                self._take()  # under the guard, which waiters read _taken under
+                # What the last batch's waiters waited on is free now: the next one's.
+                self._this_batch, self._next_batch = self._next_batch, self._this_batch
             self._write_batch()
             if stopping:
                 return
 
     def _write_batch(self) -> None:
-        """Commit what is queued and what a failed batch left, and tell the waiters how it went."""
-        self._take()
+        """Commit what was taken and what a failed batch left, and tell the waiters how it went."""
         if self._unsaved or self._unsaved_counters:
             try:
                 self._commit()
@@ -1611,7 +1618,7 @@ class _Journal:
                 self._committed = self._taken
             else:
                 self._failed, self._failure = self._taken, failure
-            self._settled.notify_all()
+            self._this_batch.notify_all()
 
 
 # ---------------------------------------------------------------------------
