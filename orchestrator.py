@@ -1179,6 +1179,8 @@ _APPLICATION_ID = 0x4F524348  # "ORCH" in the file's header: this service's data
 _SCHEMA_VERSION = 1
 #: Python types SQLite keeps as they are; a field of any other type is stored as JSON.
 _NATIVE_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+
+UPSERT_ROWS = 32  #: rows one statement writes at most (SQLite allows 32,766 parameters)
 _SET_COUNTER = ("INSERT INTO meta (name, value) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
 
@@ -1256,14 +1258,15 @@ def _queue_seq(entry: tuple) -> int:
     return entry[1]
 
 
-def _upsert_statement(columns: tuple[_Column, ...]) -> str:
-    """The statement that writes a whole row, unless the table holds that version or a newer one."""
+def _upsert_statement(columns: tuple[_Column, ...], rows: int = 1) -> str:
+    """The statement that writes whole rows, each unless the table holds that version or a
+    newer one."""
     names = ", ".join(f'"{column.name}"' for column in columns)
-    marks = ", ".join("?" * len(columns))
+    marks = ", ".join(["(" + ", ".join("?" * len(columns)) + ")"] * rows)
     updates = ", ".join(f'"{column.name}" = excluded."{column.name}"'
                         for column in columns if column.name != "id")
     # The version guard makes a replayed row harmless: an older copy never overwrites a newer one.
-    return (f"INSERT INTO tasks ({names}) VALUES ({marks}) "
+    return (f"INSERT INTO tasks ({names}) VALUES {marks} "
             f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.version > tasks.version")
 
 
@@ -1419,7 +1422,9 @@ class _Journal:
         self.path = path  #: the database file
         self.commits = 0  #: batches committed; fewer than the records means group commit at work
         self._columns = _columns(Task)
-        self._upsert = _upsert_statement(self._columns)
+        #: By how many rows they write: [n] writes n rows.
+        self._upserts = [""] + [_upsert_statement(self._columns, n)
+                                for n in range(1, UPSERT_ROWS + 1)]
         #: Every column's value in one C call; then only the encoded columns need work.
         self._values = operator.attrgetter(*(column.attribute for column in self._columns))
         self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
@@ -1590,7 +1595,12 @@ class _Journal:
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany(self._upsert, rows)
+            # Up to UPSERT_ROWS rows in one statement: SQLite lets go of the GIL for each
+            # statement it runs, and a batch's requests wait while the writer gets it back.
+            for start in range(0, len(rows), UPSERT_ROWS):
+                chunk = rows[start:start + UPSERT_ROWS]
+                connection.execute(self._upserts[len(chunk)],
+                                   [value for row in chunk for value in row])
             if deleted:
                 connection.executemany("DELETE FROM tasks WHERE id = ?", deleted)
             if counters:

@@ -2551,6 +2551,20 @@ def test_retention_goes_on_across_a_restart_and_clears_the_file(open_store, cloc
     assert len(open_store()) == 0  # and from the file too
 
 
+def test_a_change_to_more_tasks_than_one_statement_writes_survives_a_restart(open_store):
+    # The writer puts up to UPSERT_ROWS rows in one statement; a bulk change spans several.
+    store = open_store()
+    count = 2 * orchestrator.UPSERT_ROWS + 3
+    for n in range(count):
+        store.create({"work_directory": "/r", "prompt": f"p{n}"})
+    assert store.bulk({"action": "cancel", "filter": {"work_directory": "/r"}})["changed"] == count
+    before = everything(store)
+    store.close()
+    reopened = open_store()
+    assert everything(reopened) == before
+    assert reopened.statistics()["cancelled_tasks"] == count
+
+
 def test_a_deleted_task_stays_deleted_after_a_restart(open_store):
     store = open_store()
     task, _ = store.create({"work_directory": "/r", "prompt": "p"}, idempotency_key="k")
