@@ -3280,6 +3280,26 @@ _INTEGER_TEXT = re.compile(r"-?[0-9]{1,4000}")
 def _query(schema: Schema) -> dict:
     """The query string checked against its declaration, integers converted.
 
+    A worker asks with the same query again and again (its directory, its id, its
+    wait), so the last few queries found good are remembered with what they gave.
+    """
+    key = (schema.name, request.environ.get("QUERY_STRING", ""))
+    checked = _checked_queries.get(key)
+    if checked is None:
+        checked = _check_query(schema)
+        if len(_checked_queries) >= 256:  # a handful of workers, each with its own query
+            _checked_queries.clear()
+        _checked_queries[key] = checked
+    return dict(checked)  # the values are strings and numbers: a copy shares nothing
+
+
+#: (the schema's name, the query string) -> what _check_query gave for it.
+_checked_queries: dict[tuple[str, str], dict] = {}
+
+
+def _check_query(schema: Schema) -> dict:
+    """The query string parsed and checked against its declaration.
+
     The store checks the same declaration again, for its Python callers. Both are
     needed: only here are unknown and repeated parameters seen (the store takes
     keyword arguments), and only there is a direct call from Python checked.

@@ -453,6 +453,21 @@ def test_a_query_value_that_is_not_utf8_is_a_400_naming_the_parameter(client, ma
     assert store.statistics()["waiting_tasks"] == 1
 
 
+def test_remembered_queries_stay_few_and_answer_as_a_fresh_check_does(client, make_task):
+    # A worker's repeated claim query is checked once; a remembered one still gives
+    # exactly what it gave, and a bad query is never remembered.
+    for n in range(300):
+        client.get("/api/v1/tasks", {"tag": f"t{n}", "limit": 1})
+    assert len(orchestrator._checked_queries) <= 256
+    make_task(work_directory="/a/b")
+    query = {"work_path": "/a//b/", "worker_id": "w"}
+    assert client.get("/api/v1/tasks/next", query).json["data"]["work_directory"] == "/a/b"
+    assert client.get("/api/v1/tasks/next", query).json["data"] is None  # the same, again
+    client.get("/api/v1/tasks/next", {**query, "wait": "21"}, status=400)
+    assert client.get("/api/v1/tasks/next", {**query, "wait": "21"}, status=400).json[
+        "error"]["details"]["field"] == "wait"
+
+
 def test_a_query_name_that_is_not_utf8_is_a_400(client):
     res = client.get("/api/v1/tasks?%FF=1", status=400)
     assert "UTF-8" in res.json["error"]["message"]
