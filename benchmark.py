@@ -338,7 +338,8 @@ ROUTES = [
 def against_the_floor() -> bool:
     """Each route of ours against the bare floor, in pairs of runs; True if all meet target.
 
-    Ours starts with tasks enough to claim; each pair's completes finish that pair's claims.
+    Ours starts with 100,000 tasks, enough to claim in every pair; each pair's completes
+    finish that pair's claims.
     """
     pairs: dict[str, list[tuple[Load, Load]]] = {name: [] for name, *_ in ROUTES}
     with Server("bare") as bare, Server("ours", fill=100_000) as ours:
@@ -359,6 +360,7 @@ def against_the_floor() -> bool:
         dry = ours.call("GET", "/api/v1/statistics")["waiting_tasks"] == 0
     print(f"\nover HTTP, {CONNECTIONS} connections ({'wrk' if shutil.which('wrk') else 'http.client'}"
           f"), the median of {PAIRS} pairs of {SECONDS} s runs")
+    print("(each column a median on its own; a ratio is the median pair's, not the columns')")
     print(f"{'route':<10} {'floor/s':>9} {'ours/s':>9}  ratio      p99 floor  p99 ours  ratio")
     met = True
     for name, _path, _floor, _post, target in ROUTES:

@@ -541,7 +541,7 @@ class Task:
 
     def to_dict(self) -> dict:
         """The task as the API shows it, timestamps in RFC 3339 UTC."""
-        instant = _remembered_instant  # the nullable ones are looked at here: most are None
+        instant = _remembered_instant  # a local name: looked up once, not per timestamp
         return {
             "id": self.id,
             "work_directory": self.work_directory,
@@ -553,6 +553,7 @@ class Task:
             "worker_id": self.worker_id,
             "created_at": instant(self.created_at),
             "updated_at": instant(self.updated_at),
+            # The nullable ones are looked at here rather than in a call: most are None.
             "started_at": None if self.started_at is None else instant(self.started_at),
             "completed_at": None if self.completed_at is None else instant(self.completed_at),
             "lease_expires_at": (None if self.lease_expires_at is None
@@ -578,9 +579,6 @@ def _copy_json(value: object) -> object:
         return [_copy_json(item) for item in value]
     return value
 
-
-#: What a store operation hands a task out as: a snapshot (Task), or the API's dict.
-_View = typing.TypeVar("_View")
 
 #: A task's fields in declaration order, read in one call: snapshot() passes them on.
 _every_field = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
@@ -700,7 +698,9 @@ class Field:
     plain: bool = field(init=False, repr=False, compare=False)  #: nothing to normalize or pick
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "matcher", None if self.pattern is None else _ecma_anchored(self.pattern))
+        """Derive matcher and plain (frozen: set through object.__setattr__)."""
+        object.__setattr__(self, "matcher",
+                           None if self.pattern is None else _ecma_anchored(self.pattern))
         object.__setattr__(self, "plain", self.normalize is None and not self.case_insensitive
                            and self.enum is None)
 
@@ -798,9 +798,10 @@ class Schema:
     min_fields: int = 0  #: how many fields a payload must set at least
     one_of: tuple[str, ...] = ()  #: of these fields, a payload must set at least one
     names: frozenset[str] = field(init=False, repr=False, compare=False)  #: of the fields
-    by_name: dict[str, Field] = field(init=False, repr=False, compare=False)
+    by_name: dict[str, Field] = field(init=False, repr=False, compare=False)  #: the fields
 
     def __post_init__(self) -> None:
+        """Derive names and by_name."""
         # Derived once, as the declaration is frozen: every request looks fields up by name.
         object.__setattr__(self, "names", frozenset(f.name for f in self.fields))
         object.__setattr__(self, "by_name", {f.name: f for f in self.fields})
@@ -1180,7 +1181,9 @@ _SCHEMA_VERSION = 1
 #: Python types SQLite keeps as they are; a field of any other type is stored as JSON.
 _NATIVE_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
 
-UPSERT_ROWS = 32  #: rows one statement writes at most (SQLite allows 32,766 parameters)
+#: Rows one statement writes at most: 32 rows of 29 columns stay under the 999 parameters
+#: SQLite allowed before 3.32.
+_UPSERT_ROWS = 32
 _SET_COUNTER = ("INSERT INTO meta (name, value) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
 
@@ -1424,7 +1427,7 @@ class _Journal:
         self._columns = _columns(Task)
         #: By how many rows they write: [n] writes n rows.
         self._upserts = [""] + [_upsert_statement(self._columns, n)
-                                for n in range(1, UPSERT_ROWS + 1)]
+                                for n in range(1, _UPSERT_ROWS + 1)]
         #: Every column's value in one C call; then only the encoded columns need work.
         self._values = operator.attrgetter(*(column.attribute for column in self._columns))
         self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
@@ -1550,7 +1553,8 @@ class _Journal:
                 self._asked = False
                 stopping = self._stopping
                 self._take()  # under the guard, which waiters read _taken under
-                # What the last batch's waiters waited on is free now: the next one's.
+                # The next batch's condition becomes this batch's; the emptied one (its
+                # waiters were all woken when it settled) waits for the batch after.
                 self._this_batch, self._next_batch = self._next_batch, self._this_batch
             self._write_batch()
             if stopping:
@@ -1595,10 +1599,10 @@ class _Journal:
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
-            # Up to UPSERT_ROWS rows in one statement: SQLite lets go of the GIL for each
+            # Up to _UPSERT_ROWS rows in one statement: SQLite lets go of the GIL for each
             # statement it runs, and a batch's requests wait while the writer gets it back.
-            for start in range(0, len(rows), UPSERT_ROWS):
-                chunk = rows[start:start + UPSERT_ROWS]
+            for start in range(0, len(rows), _UPSERT_ROWS):
+                chunk = rows[start:start + _UPSERT_ROWS]
                 connection.execute(self._upserts[len(chunk)],
                                    [value for row in chunk for value in row])
             if deleted:
@@ -1749,6 +1753,10 @@ def _pop_due(heap: list, now: float) -> Iterator[tuple]:
         yield heapq.heappop(heap)
 
 
+#: What a store operation hands a task out as: a snapshot (Task), or the API's dict.
+_View = typing.TypeVar("_View")
+
+
 class _Transaction:
     """Hold a store's lock for one operation, after applying what time has decided.
 
@@ -1767,23 +1775,26 @@ class _Transaction:
         self.events: list[dict] = []
 
     def __enter__(self) -> tuple[float, list[dict]]:
+        """Take the lock and settle; (now, the list the operation appends its events to)."""
         self.store._lock.acquire()
         try:
             now = self.store._clock()
             self.store._settle(now, self.events)
-        except BaseException:
-            self.__exit__()
+        except BaseException as error:
+            self.__exit__(type(error))
             raise
         return now, self.events
 
-    def __exit__(self, *_exception: object) -> None:
+    def __exit__(self, refused: type[BaseException] | None, *_: object) -> None:
+        """Queue the changes and let the lock go; unless the operation was refused (it
+        raised), wait for the disk. Then log the events."""
         store = self.store
         try:
             try:
                 ticket = store._journal_ticket()
             finally:
                 store._lock.release()
-            if ticket is not None:
+            if ticket is not None and refused is None:
                 store._journal.wait(ticket)
         finally:
             _log_events(self.events)
@@ -2305,10 +2316,18 @@ class TaskStore:
             self._queue_due(now)
         if _due(self._leases, now):
             self._expire_leases(now, events)
-        if self.retention and _due(self._finished, now - self.retention):
-            self._drop_retained(now - self.retention, events)
+        if self.retention:
+            self._drop_retained(now, events)
         self._forget_workers(now)
-        self._next_due = min(
+        self._next_due = self._earliest_deadline()
+
+    def _earliest_deadline(self) -> float:
+        """When the first of the heaps' entries, or of the workers, comes due.
+
+        Each deadline is the very sum its check compares with now, so that
+        rounding cannot put _next_due after it.
+        """
+        return min(
             self._delayed[0][0] if self._delayed else math.inf,
             self._leases[0][0] if self._leases else math.inf,
             self._finished[0][0] + self.retention if self.retention and self._finished
@@ -2339,9 +2358,10 @@ class TaskStore:
                 events.append(_event("lease expired", task))
                 self._fail(task, "lease expired", True, now, events)
 
-    def _drop_retained(self, finished_before: float, events: list[dict]) -> None:
-        """Remove the tasks that finished before `finished_before`."""
-        for finished_at, task_id in _pop_due(self._finished, finished_before):
+    def _drop_retained(self, now: float, events: list[dict]) -> None:
+        """Remove the tasks that finished `retention` seconds ago or more."""
+        while self._finished and self._finished[0][0] + self.retention <= now:
+            finished_at, task_id = heapq.heappop(self._finished)
             task = self._tasks.get(task_id)
             if task is not None and task.status in FINISHED and task.completed_at == finished_at:
                 self._remove(task)
@@ -2591,7 +2611,7 @@ class TaskStore:
         """Drop the workers unseen for WORKER_MEMORY seconds."""
         while self._workers:
             oldest = next(iter(self._workers.values()))
-            if oldest.last_seen > now - WORKER_MEMORY:
+            if oldest.last_seen + WORKER_MEMORY > now:
                 break
             self._workers.popitem(last=False)
 
@@ -3136,7 +3156,7 @@ class _Gate:
         """A browser page from another site must not reach the queue, with or without Origin."""
         origin = environ.get("HTTP_ORIGIN")
         if origin is not None:
-            self._check_origin(origin)
+            self._check_origin(environ, origin)
         site = environ.get("HTTP_SEC_FETCH_SITE")
         # An <img> or a link sends no Origin on a GET, but says where it comes from.
         if site in ("cross-site", "same-site") and (
@@ -3144,9 +3164,9 @@ class _Gate:
         ):
             raise Forbidden(f"a {site} request from a browser needs an allowed Origin")
 
-    def _check_origin(self, origin: str) -> None:
+    def _check_origin(self, environ: dict, origin: str) -> None:
         """A browser page from a foreign origin must not reach the queue."""
-        own = _origin_key(f"{request.environ['wsgi.url_scheme']}://{_host_header()}")
+        own = _origin_key(f"{environ['wsgi.url_scheme']}://{_host_header(environ)}")
         if own is not None and self.loopback_only and not _is_loopback(own[1]):
             # DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own
             # name as both Origin and Host. A loopback server's own name is loopback.
@@ -3196,9 +3216,8 @@ def _header(name: str) -> str | None:
     return request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
-def _host_header() -> str:
+def _host_header(environ: dict) -> str:
     """The Host the client addressed (not X-Forwarded-Host, which anyone can send)."""
-    environ = request.environ
     return environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
 
 
