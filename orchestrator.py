@@ -1261,7 +1261,7 @@ def _queue_seq(entry: tuple) -> int:
     return entry[1]
 
 
-def _upsert_statement(columns: tuple[_Column, ...], rows: int = 1) -> str:
+def _upsert_statement(columns: tuple[_Column, ...], rows: int) -> str:
     """The statement that writes whole rows, each unless the table holds that version or a
     newer one."""
     names = ", ".join(f'"{column.name}"' for column in columns)
