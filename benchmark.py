@@ -377,6 +377,11 @@ def against_the_floor() -> bool:
               f" (≥{target})  {floor_p99:6.2f} ms {p99:6.2f} ms  ×{p99_ratio:.2f}"
               f" (≤1.3) {'ok' if ok else 'UNDER'}"
               + (f"  {failures} failed" if failures else ""))
+    # The spread shows how much the host moved the figures while they were measured.
+    print("each pair's rate ratio, lowest first:")
+    for name, *_ in ROUTES:
+        ratios = sorted(ours.per_second / floor.per_second for floor, ours in pairs[name])
+        print(f"  {name:<10} " + " ".join(f"{ratio:.2f}" for ratio in ratios))
     if dry:
         print("the claim queue ran dry: the claim figure counts empty answers")
     return met and not dry
