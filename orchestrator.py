@@ -595,14 +595,16 @@ def _instant(timestamp: float) -> str:
     Every answer formats several of these, so the date and time of day are made once
     per second; the digits are what datetime's isoformat(timespec="milliseconds") gives.
     """
-    seconds = math.floor(timestamp)
-    # As datetime.fromtimestamp rounds: to the nearest microsecond, carried into the next
-    # second. Small numbers and %-formatting: this runs for every instant of every answer,
-    # and an f-string's format spec or arithmetic on all the microseconds since 1970
-    # (beyond a machine word) each cost more than the rest of it.
-    microseconds = round((timestamp - seconds) * 1e6)  # the subtraction is exact
-    if microseconds == 1_000_000:
-        seconds, microseconds = seconds + 1, 0
+    # The steps of datetime.fromtimestamp: the fraction rounded to the nearest microsecond,
+    # then carried into the seconds either way. Small numbers and %-formatting: this runs
+    # for every instant of every answer, and an f-string's format spec or arithmetic on
+    # all the microseconds since 1970 (beyond a machine word) each cost more than the rest.
+    fraction, whole = math.modf(timestamp)
+    seconds, microseconds = int(whole), round(fraction * 1e6)
+    if microseconds >= 1_000_000:
+        seconds, microseconds = seconds + 1, microseconds - 1_000_000
+    elif microseconds < 0:
+        seconds, microseconds = seconds - 1, microseconds + 1_000_000
     return "%s.%03dZ" % (_utc_second(seconds), microseconds // 1000)
 
 
@@ -804,18 +806,12 @@ class Schema:
     one_of: tuple[str, ...] = ()  #: of these fields, a payload must set at least one
     names: frozenset[str] = field(init=False, repr=False, compare=False)  #: of the fields
     by_name: dict[str, Field] = field(init=False, repr=False, compare=False)  #: the fields
-    required: frozenset[str] = field(init=False, repr=False, compare=False)  #: their names
-    #: (name, default) of the fields with a default, in declaration order.
-    defaults: tuple[tuple[str, object], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """Derive names, by_name, required and defaults."""
+        """Derive names and by_name."""
         # Derived once, as the declaration is frozen: every request looks fields up by name.
         object.__setattr__(self, "names", frozenset(f.name for f in self.fields))
         object.__setattr__(self, "by_name", {f.name: f for f in self.fields})
-        object.__setattr__(self, "required", frozenset(f.name for f in self.fields if f.required))
-        object.__setattr__(self, "defaults", tuple((f.name, f.default) for f in self.fields
-                                                   if f.default is not None))
 
     def clean(self, payload: Mapping[str, object], prefix: str = "") -> dict:
         """Validate a payload and return its cleaned fields, defaults filled in."""
@@ -827,42 +823,6 @@ class Schema:
                 f"unknown fields: {names}; allowed: {', '.join(sorted(known)) or 'none'}",
                 fields=[prefix + name for name in unknown],
             )
-        cleaned = self._clean_as_sent(payload, prefix)
-        if cleaned is None:
-            cleaned = self._clean_in_order(payload, prefix)
-        if len(payload) < self.min_fields:
-            rule = f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
-            raise _invalid(prefix[:-1], rule) if prefix else ValidationError(rule)
-        if self.one_of and not any(name in payload for name in self.one_of):
-            first, *others = self.one_of
-            raise _invalid(prefix + first, f"is required (or {' or '.join(others)})")
-        return cleaned
-
-    def _clean_as_sent(self, payload: Mapping[str, object], prefix: str) -> dict | None:
-        """The fields sent, then the defaults of those not sent; None when a field is bad or
-        a required one is missing.
-
-        The quick way for a good payload, which most are: it looks only at the fields
-        sent, where the declared order looks at every declared field.
-        """
-        by_name = self.by_name
-        try:
-            cleaned = {name: by_name[name].clean(value, prefix + name)
-                       for name, value in payload.items()}
-        except ValidationError:
-            return None
-        if not self.required.issubset(cleaned):
-            return None
-        for name, default in self.defaults:
-            if name not in cleaned:
-                # A shallow copy, as copy.copy makes it at a fraction of the cost: a new
-                # list or dict, the same string or number.
-                cleaned[name] = type(default)(default)
-        return cleaned
-
-    def _clean_in_order(self, payload: Mapping[str, object], prefix: str) -> dict:
-        """Each declared field in turn, so that a bad payload is refused for its first bad or
-        missing field in declaration order, whatever order the client sent them in."""
         cleaned = {}
         for declared in self.fields:
             name = declared.name
@@ -871,7 +831,15 @@ class Schema:
             elif declared.required:
                 raise _invalid(prefix + name, "is required")
             elif declared.default is not None:
+                # A shallow copy, as copy.copy makes it at a fraction of the cost: a new
+                # list or dict, the same string or number.
                 cleaned[name] = type(declared.default)(declared.default)
+        if len(payload) < self.min_fields:
+            rule = f"send at least {self.min_fields} of: " + ", ".join(f.name for f in self.fields)
+            raise _invalid(prefix[:-1], rule) if prefix else ValidationError(rule)
+        if self.one_of and not any(name in payload for name in self.one_of):
+            first, *others = self.one_of
+            raise _invalid(prefix + first, f"is required (or {' or '.join(others)})")
         return cleaned
 
     def json_schema(self, top_level_any_of: bool = True) -> dict:
