@@ -1280,6 +1280,28 @@ def _upsert_statement(columns: tuple[_Column, ...], rows: int) -> str:
             f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.version > tasks.version")
 
 
+def _run_in_one_transaction(connection: sqlite3.Connection,
+                            statements: list[tuple[str, list]]) -> None:
+    """Run each statement with its sets of parameters, all or none; on any error roll back
+    and raise."""
+    if len(statements) == 1:
+        # One statement is a transaction of its own, and the usual batch of claims or
+        # reports is one upsert. BEGIN and COMMIT would be two more trips through SQLite,
+        # each letting go of the GIL, which the writer then waits behind the request
+        # threads to get back.
+        connection.executemany(*statements[0])
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, parameters in statements:
+            connection.executemany(sql, parameters)
+        connection.execute("COMMIT")
+    except Exception:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 def _lock_beside(path: str) -> int:
     """Open and lock path + ".lock" without waiting; return its descriptor, or raise ConfigError.
 
@@ -1603,24 +1625,17 @@ class _Journal:
         deleted = [(task_id,) for task_id, task in self._unsaved.items() if task is None]
         counters = [(name, value) for name, value in self._unsaved_counters.items()
                     if self._counters_on_disk.get(name) != value]
-        connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # Up to _UPSERT_ROWS rows in one statement: SQLite lets go of the GIL for each
-            # statement it runs, and a batch's requests wait while the writer gets it back.
-            for start in range(0, len(rows), _UPSERT_ROWS):
-                chunk = rows[start:start + _UPSERT_ROWS]
-                connection.execute(self._upserts[len(chunk)],
-                                   [value for row in chunk for value in row])
-            if deleted:
-                connection.executemany("DELETE FROM tasks WHERE id = ?", deleted)
-            if counters:
-                connection.executemany(_SET_COUNTER, counters)
-            connection.execute("COMMIT")
-        except Exception:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+        # Each statement with its sets of parameters. Up to _UPSERT_ROWS rows in one
+        # upsert: SQLite lets go of the GIL for each statement it runs, and a batch's
+        # requests wait while the writer gets it back.
+        chunks = [rows[start:start + _UPSERT_ROWS] for start in range(0, len(rows), _UPSERT_ROWS)]
+        statements = [(self._upserts[len(chunk)], [[value for row in chunk for value in row]])
+                      for chunk in chunks]
+        if deleted:
+            statements.append(("DELETE FROM tasks WHERE id = ?", deleted))
+        if counters:
+            statements.append((_SET_COUNTER, counters))
+        _run_in_one_transaction(self._connection, statements)
         self._counters_on_disk.update(counters)
         self.commits += 1
 
