@@ -2778,6 +2778,52 @@ def test_after_a_failed_commit_the_next_one_saves_what_was_missed(open_store):
     assert len(open_store()) == 2
 
 
+@contextlib.contextmanager
+def sqlite_refuses(data_file, event):
+    """Make SQLite itself refuse every row change of that kind (UPDATE, DELETE), as a full
+    disk would, until the block ends."""
+    def run(sql):
+        with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
+            connection.execute(sql)
+    run(f"CREATE TRIGGER refuse BEFORE {event} ON tasks BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    try:
+        yield
+    finally:
+        run("DROP TRIGGER refuse")
+
+
+def status_on_disk(data_file, task_id):
+    with contextlib.closing(sqlite3.connect(data_file)) as connection:
+        return connection.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+
+
+def test_a_one_statement_batch_that_sqlite_refuses_is_saved_by_the_next(open_store, data_file):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    with sqlite_refuses(data_file, "UPDATE"), pytest.raises(orchestrator.StorageError):
+        store.claim("/r", "w")  # the batch is the claimed row alone
+    assert status_on_disk(data_file, task.id) == "waiting"
+    store.create({"work_directory": "/r", "prompt": "next"})
+    store.close()
+    assert open_store().get(task.id).status == "working"
+
+
+def test_a_batch_of_several_statements_that_sqlite_refuses_is_undone_whole(open_store,
+                                                                           data_file):
+    store = open_store()
+    first, _ = store.create({"work_directory": "/r", "prompt": "first"})
+    dependent, _ = store.create({"work_directory": "/r", "prompt": "then",
+                                 "depends_on": [first.id]})
+    # One batch, two statements: the dependent's row (cancelled), then the deletion.
+    with sqlite_refuses(data_file, "DELETE"), pytest.raises(orchestrator.StorageError):
+        store.delete(first.id)
+    assert status_on_disk(data_file, dependent.id) == "waiting"  # undone with the deletion
+    store.create({"work_directory": "/r", "prompt": "next"})
+    store.close()
+    reopened = open_store()
+    assert reopened.get(dependent.id).status == "cancelled" and len(reopened) == 2
+
+
 def test_the_server_says_where_its_tasks_are_kept(data_file):
     first = ServerProcess("--data-file", data_file)
     assert "0 tasks loaded from " + data_file in first.first_line
