@@ -2117,7 +2117,7 @@ class TaskStore:
         """Put a failed or cancelled task back in the queue, even past max_retries: a person decided.
 
         Retrying a failure counts as a retry; bringing back a cancelled task does
-        not, since no attempt failed.
+        not, since no attempt failed, and keeps its not_before if that is still to come.
         """
         TASK_RETRY.clean(fields or {})
         with self._transaction() as (now, events):
@@ -2497,7 +2497,9 @@ class TaskStore:
             self._retries_total += 1
         task.blocked_by = tuple(self._unfinished_dependencies(task.depends_on, new=False))
         self._wait_on(task)
-        self._requeue(task, now)
+        # A task cancelled before its start time comes back as it was: still delayed.
+        start = task.not_before if task.not_before is not None and task.not_before > now else None
+        self._requeue(task, now, not_before=start)
         events.append(_event("re-queued", task))
 
     def _unfinished_dependencies(self, depends_on: list[str], new: bool = True) -> list[str]:
@@ -3591,8 +3593,9 @@ def _metrics_text(store: TaskStore, requests: _RequestCounts) -> str:
            [({}, numbers["claimed"])])
     family("tasks_finished_total", "counter", "Tasks that became completed, failed or cancelled.",
            [({"status": status}, n) for status, n in numbers["finished"].items()])
-    family("tasks_retried_total", "counter", "Tasks queued again after a failure, an expired "
-           "lease or a retry (kept in the data file).", [({}, numbers["retried"])])
+    family("tasks_retried_total", "counter", "Failed attempts queued again: after a failure, "
+           "an expired lease, or a retry of a failed task (kept in the data file).",
+           [({}, numbers["retried"])])
     family("lease_expirations_total", "counter",
            "Leases that expired (kept in the data file).", [({}, numbers["lease_expirations"])])
     family("http_requests_total", "counter",
@@ -4970,14 +4973,23 @@ def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...
     """Rows in aligned columns; the flexible ones, in turn, are cut to fit the terminal."""
     cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
     widths = [max(map(_width, column)) for column in zip(headers, *cells)]
-    for column in flexible:
-        over = sum(widths) + 2 * (len(widths) - 1) - shutil.get_terminal_size().columns
+    columns = _output_columns()
+    for column in flexible if columns is not None else ():
+        over = sum(widths) + 2 * (len(widths) - 1) - columns
         widths[column] = max(8, widths[column] - max(0, over))
     lines = []
     for row in (headers, *cells):
         fitted = [_fit(text, width) for text, width in zip(row, widths)]
         lines.append("  ".join(fitted).rstrip())
     return "\n".join(lines)
+
+
+def _output_columns() -> int | None:
+    """How wide a table may be: COLUMNS, else the terminal's width; None into a pipe or a
+    file, where whole texts serve grep better than cut ones."""
+    if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def _width(text: str) -> int:
@@ -5022,17 +5034,32 @@ def _show_tasks(page: dict) -> str:
 
 def _show_task(task: dict) -> str:
     """show: every field, the long texts last."""
-    fields = ("id", "status", "priority", "work_directory", "worker_id", "retry_count",
-              "max_retries", "tags", "created_at", "started_at", "completed_at",
-              "lease_expires_at", "progress_at")
-    lines = [f"{name + ':':<17} {task[name] if task[name] is not None else '-'}"
-             for name in fields]
-    for name, text in (("prompt", task["prompt"]), ("progress", task["progress"]),
-                       ("error", task["error_message"]),
-                       ("output", (task["result"] or {}).get("output"))):
+    result = task["result"] or {}
+    fields = {**task, "result": {name: value for name, value in result.items()
+                                 if name != "output"} or None}
+    first = ("id", "status", "priority", "work_directory", "worker_id", "retry_count",
+             "max_retries")
+    texts = {"prompt": task["prompt"], "progress": task["progress"],
+             "error": task["error_message"], "output": result.get("output")}
+    names = [*first, *(name for name in fields if name not in first
+                       and name not in ("prompt", "progress", "error_message"))]
+    lines = [f"{name + ':':<17} {_plain(fields[name])}" for name in names]
+    for name, text in texts.items():
         if text:
             lines += ["", f"{name}:", textwrap.indent(text, "  ")]
     return "\n".join(lines)
+
+
+def _plain(value: object) -> str:
+    """A value of an answer as a terminal shows it: - for nothing, a list's items with
+    commas, an object as JSON."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _show_statuses(tasks: list[dict]) -> str:
@@ -5042,7 +5069,7 @@ def _show_statuses(tasks: list[dict]) -> str:
 
 def _show_statistics(stats: dict) -> str:
     """stats: one line per number."""
-    return "\n".join(f"{name + ':':<24} {value}" for name, value in stats.items())
+    return "\n".join(f"{name + ':':<24} {_plain(value)}" for name, value in stats.items())
 
 
 def _show_directories(data: dict) -> str:
@@ -5195,8 +5222,9 @@ class _StdioRelay:
             reply = None
         if not raw or isinstance(reply, dict) and reply.get("jsonrpc") == "2.0":
             return reply or {}
+        text = raw[:200].decode("utf-8", "replace")
         return {"error": {"code": _INTERNAL_ERROR,
-                          "message": f"HTTP {status} from {self.url}: {raw[:200]!r}"}}
+                          "message": f"HTTP {status} from {self.url}: {text}"}}
 
 
 def _encode_header(value: str) -> str:

@@ -1345,6 +1345,26 @@ def test_retry_brings_back_a_cancelled_task_without_counting_a_retry(client, mak
     assert statistics(client)["retries_total"] == 0
 
 
+def test_retry_of_a_cancelled_task_keeps_a_start_time_still_to_come(client, make_task, claim,
+                                                                     clock):
+    task = make_task(delay_seconds=3600)
+    client.post(task_url(task, "cancel"))
+    again = client.post(task_url(task, "retry")).json["data"]
+    assert again["not_before"] == task["not_before"]
+    assert claim() is None
+    clock.advance(3600)
+    assert claim()["id"] == task["id"]
+
+
+def test_retry_of_a_cancelled_task_whose_start_time_has_passed_is_claimable_at_once(
+        client, make_task, claim, clock):
+    task = make_task(delay_seconds=60)
+    client.post(task_url(task, "cancel"))
+    clock.advance(120)
+    assert client.post(task_url(task, "retry")).json["data"]["not_before"] is None
+    assert claim()["id"] == task["id"]
+
+
 def test_retry_rejects_a_body_with_fields(client, make_task):
     client.post_json(task_url(make_task(), "retry"), {"force": True}, status=400)
 
@@ -4040,6 +4060,13 @@ def test_mcp_stdio_turns_an_answer_that_is_not_json_rpc_into_an_error(live_url):
     assert "success" not in reply
 
 
+def test_mcp_stdio_shows_a_non_json_rpc_answer_as_text(live_url):
+    _, replies, _ = run_relay(live_url + "/api/v1", ['{"jsonrpc": "2.0", "id": 3, '
+                                                     '"method": "ping"}'])
+    message = json.loads(replies[0])["error"]["message"]
+    assert "b'" not in message and '"success": false' in message
+
+
 def test_mcp_stdio_sends_the_token(store):
     config = Config(rate_limit=0, api_key="s3cret")
     with running_server(config, create_app(config, store)) as url:
@@ -4563,6 +4590,34 @@ def test_show_prints_every_field_and_the_prompt(cli, live_store):
     status, out, _ = cli("show", task.id)
     assert status == 0 and f"id:               {task.id}" in out
     assert "prompt:\n  line one\n  line two" in out
+
+
+def test_show_prints_dependencies_metadata_and_every_timestamp_as_plain_text(cli, live_store):
+    first, _ = live_store.create({"work_directory": "/a", "prompt": "one"})
+    task, _ = live_store.create({"work_directory": "/a", "prompt": "two", "tags": ["cli", "x"],
+                                 "metadata": {"ticket": 7}, "depends_on": [first.id],
+                                 "delay_seconds": 60})
+    status, out, _ = cli("show", task.id)
+    fields = dict(line.split(":", 1) for line in out.split("\n\n")[0].splitlines())
+    shown = {name: value.strip() for name, value in fields.items()}
+    assert status == 0 and shown["tags"] == "cli, x" and shown["metadata"] == '{"ticket": 7}'
+    assert shown["depends_on"] == shown["blocked_by"] == first.id
+    assert shown["started_at"] == "-" and shown["result"] == "-"
+    for name in ("updated_at", "not_before", "created_at"):
+        assert shown[name].endswith("Z")
+    answer = live_store.get(task.id).to_dict()
+    assert set(answer) - {"prompt", "progress", "error_message"} == set(shown)
+
+
+def test_stats_prints_a_missing_number_as_a_dash(cli, live_store):
+    assert "average_duration_ms:     -" in cli("stats")[1]
+
+
+def test_ls_into_a_pipe_keeps_whole_prompts_unless_columns_are_set(cli, live_store):
+    long_prompt = "Refactor the parser " * 10
+    live_store.create({"work_directory": "/a", "prompt": long_prompt})
+    assert long_prompt.strip() in cli("ls", env={"COLUMNS": ""})[1]
+    assert long_prompt.strip() not in cli("ls", env={"COLUMNS": "100"})[1]
 
 
 def test_cancel_retry_and_rm_act_on_each_id_and_fail_for_a_refused_one(cli, live_store):
