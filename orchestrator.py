@@ -247,6 +247,9 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
     return parts.scheme.lower(), parts.hostname.lower(), port
 
 
+_LEGACY_IPV4 = re.compile(r"[0-9A-Fa-fXx.]+")  # what inet_aton's spellings are made of
+
+
 @functools.lru_cache(maxsize=256)  # checked on every request, for the same few names
 def _is_loopback(host: str) -> bool:
     """Whether an address or host name means this machine only.
@@ -258,10 +261,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         pass
+    if not _LEGACY_IPV4.fullmatch(host):  # inet_aton reads "127.0.0.1 evil" as 127.0.0.1
+        return host.lower() == "localhost"
     try:
         return ipaddress.IPv4Address(socket.inet_aton(host)).is_loopback
-    except (OSError, ValueError):  # not an address at all: a name
-        return host.lower() == "localhost"
+    except OSError:  # digits that are no address, such as 1.2.3.4.5
+        return False
 
 
 #: Every setting once: its environment variable, its attribute, its parser.
@@ -2381,13 +2386,15 @@ class TaskStore:
                 self._fail(task, "lease expired", True, now, events)
 
     def _drop_retained(self, now: float, events: list[dict]) -> None:
-        """Remove the tasks that finished `retention` seconds ago or more."""
+        """Remove the tasks that finished `retention` seconds ago or more; as with a
+        deletion, a task retried to wait for one of them is cancelled."""
         while self._finished and self._finished[0][0] + self.retention <= now:
             finished_at, task_id = heapq.heappop(self._finished)
             task = self._tasks.get(task_id)
             if task is not None and task.status in FINISHED and task.completed_at == finished_at:
                 self._remove(task)
                 events.append(_event("dropped after retention", task))
+                self._settle_dependents(task, "was dropped after retention", now, events)
 
     def _wait_until(self, ready: Callable[[float], Task | None], seconds: float,
                     events: list[dict]) -> tuple[Task | None, float]:
@@ -2495,7 +2502,8 @@ class TaskStore:
         if task.status == FAILED:
             task.retry_count += 1
             self._retries_total += 1
-        task.blocked_by = tuple(self._unfinished_dependencies(task.depends_on, new=False))
+        task.blocked_by = () if task.started_at is not None else tuple(
+            self._unfinished_dependencies(task.depends_on, new=False))
         self._wait_on(task)
         # A task cancelled before its start time comes back as it was: still delayed.
         start = task.not_before if task.not_before is not None and task.not_before > now else None
@@ -2520,7 +2528,14 @@ class TaskStore:
         return unfinished
 
     def _missing_dependency(self, task: Task) -> str | None:
-        """A dependency of the task that was deleted, if any: it can never complete."""
+        """A dependency of the task that was deleted, if any: it can never complete.
+
+        A finished task that has run (it keeps its started_at) was claimed once every
+        dependency had completed, and a completed task stays so: one gone since, deleted
+        or dropped after retention, completed first, and counts as met.
+        """
+        if task.started_at is not None:
+            return None
         return next((task_id for task_id in task.depends_on if task_id not in self._tasks), None)
 
     def _wait_on(self, task: Task) -> None:
@@ -2933,8 +2948,9 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._clients: OrderedDict[str, _Window] = OrderedDict()
 
-    def hit(self, client: str) -> int:
-        """Count one request from a client; return how many are left, or raise RateLimited."""
+    def hit(self, client: str, cost: int = 1) -> int:
+        """Count one request from a client (cost 0: only check that one more fits); return
+        how many are left, or raise RateLimited."""
         with self._lock:
             now = self._clock()
             counts = self._counts(client, int(now // self.window))
@@ -2942,8 +2958,8 @@ class RateLimiter:
             used = counts.previous * (1 - elapsed / self.window) + counts.count
             if used + 1 > self.limit:
                 raise RateLimited(self._retry_after(counts, elapsed))
-            counts.count += 1
-            return max(0, math.floor(self.limit - used - 1))
+            counts.count += cost
+            return max(0, math.floor(self.limit - used - cost))
 
     def __len__(self) -> int:
         """How many clients are remembered."""
@@ -3144,17 +3160,11 @@ class _Gate:
             self._check_browser(environ)
             self.count_request()
             self._check_api_key()
-        elif path == "/metrics":
-            self._check_browser(environ)  # not rate limited: a scraper comes back every few seconds
-            self._check_api_key()
-        elif path == "/mcp":
-            # Its rate limit counts tool calls (in the MCP section), and key guesses here.
+        elif path in ("/metrics", "/mcp"):
+            # Not every request counts: a scraper comes back every few seconds, and /mcp
+            # counts tool calls (in the MCP section). Wrong keys do.
             self._check_browser(environ)
-            try:
-                self._check_api_key()
-            except Unauthorized:
-                self.count_request()
-                raise
+            self._check_api_key_counting_guesses()
         self._check_body_size(environ.get("CONTENT_LENGTH") or "0")
 
     def _check_host(self, host: str | None) -> None:
@@ -3199,14 +3209,31 @@ class _Gate:
         if key is None or (key != own and key not in self.allowed_origins):
             raise Forbidden(f"origin {_shorten(origin)} is not allowed")
 
-    def count_request(self) -> None:
-        """Count the request against its client address; RateLimited when over."""
+    def count_request(self, cost: int = 1) -> None:
+        """Count the request against its client address (cost 0: only check that one more
+        fits); RateLimited when over."""
         if self.limiter is None:
             return
         response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
         response.set_header("X-RateLimit-Remaining", "0")  # stays when the limiter refuses
-        remaining = self.limiter.hit(request.environ.get("REMOTE_ADDR") or "unknown")
+        remaining = self.limiter.hit(_client_address(), cost)
         response.set_header("X-RateLimit-Remaining", str(remaining))
+
+    def _check_api_key_counting_guesses(self) -> None:
+        """The API key, where only a wrong one counts against the rate limit.
+
+        A client that has spent its limit is refused before its key is looked at:
+        were the right key still answered, a 200 among the 429s would tell a guesser
+        which key is right, at any speed.
+        """
+        if self.api_key is None:
+            return
+        self.count_request(cost=0)
+        try:
+            self._check_api_key()
+        except Unauthorized:
+            self.count_request()
+            raise
 
     def _check_api_key(self) -> None:
         """When a key is configured, require it as a bearer token (compared in constant time)."""
@@ -3230,6 +3257,11 @@ class _Gate:
 
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
+def _client_address() -> str:
+    """The address the rate limit counts the current request against."""
+    return request.environ.get("REMOTE_ADDR") or "unknown"
 
 
 def _header(name: str) -> str | None:
@@ -3382,6 +3414,10 @@ def _create_task(store: TaskStore, fields: dict) -> dict:
 
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
     """Claim the next waiting task of a directory, with its lease token; null when none waits."""
+    if request.method == "HEAD":
+        # Bottle answers HEAD with a GET route, and HEAD's answer has no body: the claim's
+        # lease token, shown nowhere else, would be thrown away with the task held.
+        raise MethodNotAllowed("GET")
     response.set_header("Cache-Control", "no-store")  # it may carry a lease token
     task = store._claim(fields, _claimed_dict)  # _query has checked them
     if task is None or _handed_back_if_gone(store, task):
@@ -4222,13 +4258,14 @@ def _openapi_document() -> dict:
     paths["/metrics"] = {"get": {
         "operationId": "metrics",
         "summary": "The queue's numbers for Prometheus: tasks by status, throughput, wait and "
-                   "run times, requests. Not rate limited; needs the API key when one is set.",
+                   "run times, requests. Needs the API key when one is set; a scrape is not "
+                   "counted against the rate limit, a wrong key is.",
         "security": _OPTIONAL_BEARER,
         "responses": {
             "200": {"description": "The Prometheus text exposition format, version 0.0.4.",
                     "content": {"text/plain; version=0.0.4; charset=utf-8": {
                         "schema": {"type": "string"}}}},
-            **_error_responses([401, 403, 405, 500]),
+            **_error_responses([401, 403, 405, 429, 500]),
         },
     }}
     paths["/openapi.json"] = {"get": {
@@ -4411,7 +4448,8 @@ def _mcp_operation() -> dict:
         "401": Unauthorized.__doc__, "403": Forbidden.__doc__,
         "404": "2026-07-28: no such method (JSON-RPC -32601).",
         "413": PayloadTooLarge.__doc__, "415": UnsupportedMediaType.__doc__,
-        "429": "Too many wrong API keys (tool calls over the limit are tool results).",
+        "429": "Too many wrong API keys: refused, right key or not, until the limit allows "
+               "(tool calls over the limit are tool results).",
         "500": "Something unexpected; the details are in the server's log.",
         "503": StorageError.__doc__,
     }

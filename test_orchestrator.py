@@ -920,6 +920,32 @@ def test_retrying_a_task_whose_dependency_was_deleted_conflicts(store):
     assert store.get(b.id).status == "cancelled"
 
 
+def test_a_dependency_dropped_after_retention_cancels_the_task_still_waiting_for_it(store,
+                                                                                    clock):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    finish(store, a, "fail")
+    store.retry(b.id)  # waits for a to be retried, which retention is about to make impossible
+    clock.advance(3600)
+    cancelled = store.get(b.id)
+    assert cancelled.status == "cancelled" and cancelled.blocked_by == []
+    assert f"depends on task {a.id}, which was dropped after retention" == cancelled.error_message
+    assert store.statistics()["blocked_tasks"] == 0
+
+
+def test_a_task_that_ran_can_be_retried_after_its_completed_dependency_was_dropped(store, clock):
+    a = make(store, "a")
+    b = make(store, "b", a)
+    finish(store, a)
+    clock.advance(1800)
+    finish(store, b, "fail")
+    clock.advance(1800)  # a is dropped; b, which ran once a had completed, is kept
+    with pytest.raises(NotFound):
+        store.get(a.id)
+    assert store.retry(b.id).status == "waiting"
+    assert store.claim("/r", "w").id == b.id
+
+
 def test_dependencies_on_a_completed_task_do_not_block(store):
     a = make(store, "a")
     finish(store, a)
@@ -1363,6 +1389,13 @@ def test_retry_of_a_cancelled_task_whose_start_time_has_passed_is_claimable_at_o
     clock.advance(120)
     assert client.post(task_url(task, "retry")).json["data"]["not_before"] is None
     assert claim()["id"] == task["id"]
+
+
+def test_head_on_the_claim_route_is_a_405_and_claims_nothing(client, make_task, claim, store):
+    task = make_task()
+    res = client.head("/api/v1/tasks/next?work_path=/repo&worker_id=w1", status=405)
+    assert res.headers["Allow"] == "GET"
+    assert store.get(task["id"]).status == "waiting" and claim()["id"] == task["id"]
 
 
 def test_retry_rejects_a_body_with_fields(client, make_task):
@@ -2048,6 +2081,12 @@ def test_own_and_allowed_origins_pass(store):
 
 REBINDING_HOSTS = ["evil.example:8080", "evil.example", "127.0.0.1.evil.example",
                    "localhost.evil.example:80", "[::2]:8080"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1 evil.example", "127.0.0.1\tevil.example",
+                                  "127.1 evil.example:8080"])
+def test_a_host_with_text_after_a_loopback_address_is_refused(client, host):
+    client.get("/api/v1/tasks", headers={"Host": host}, status=403)
 
 
 @pytest.mark.parametrize("host", REBINDING_HOSTS)
@@ -3163,11 +3202,25 @@ def test_metrics_follow_the_exposition_rules(client, make_task):
 
 def test_metrics_need_the_key_obey_the_host_rule_and_are_not_rate_limited(store):
     client = webtest.TestApp(create_app(Config(rate_limit=1, api_key="s3cret"), store))
-    client.get("/metrics", status=401)
     bearer = {"Authorization": "Bearer s3cret"}
     for _ in range(3):
         client.get("/metrics", headers=bearer)
+    client.get("/metrics", status=401)
     client.get("/metrics", headers={**bearer, "Host": "evil.example"}, status=403)
+
+
+def test_wrong_keys_at_metrics_count_and_a_spent_address_is_refused_whatever_its_key(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=2, api_key="s3cret"), store))
+    bearer = {"Authorization": "Bearer s3cret"}
+    for _ in range(3):
+        client.get("/metrics", headers=bearer)  # a scrape with the key is never counted
+    guesses = [client.get("/metrics", headers={"Authorization": f"Bearer guess{i}"},
+                          expect_errors=True).status_int for i in range(3)]
+    assert guesses == [401, 401, 429]
+    # Else a 200 among the 429s would still tell a guesser which key is right.
+    assert client.get("/metrics", headers=bearer, status=429).headers["Retry-After"]
+    other = {"REMOTE_ADDR": "10.0.0.2"}
+    client.get("/metrics", headers=bearer, extra_environ=other)
 
 
 def test_promtool_accepts_the_metrics(client, make_task, claim):
@@ -3931,6 +3984,17 @@ def test_mcp_wrong_key_attempts_count_against_the_rate_limit(store):
                            headers={"Authorization": f"Bearer guess{i}"}).status_int
                for i in range(5)]
     assert guesses == [401, 401, 401, 429, 429]
+
+
+def test_mcp_refuses_an_address_that_spent_its_limit_on_guesses_even_with_the_key(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=2, api_key="s3cret"), store))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+
+    def ping(key):
+        return client.post("/mcp", body, content_type="application/json", expect_errors=True,
+                           headers={"Authorization": f"Bearer {key}"}).status_int
+
+    assert [ping("guess"), ping("guess"), ping("s3cret")] == [401, 401, 429]
 
 
 def test_mcp_rate_limit_answers_tool_calls_as_tool_results(store):
