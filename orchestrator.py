@@ -3414,7 +3414,7 @@ def _create_task(store: TaskStore, fields: dict) -> dict:
 
 def _claim_task(store: TaskStore, fields: dict) -> dict | None:
     """Claim the next waiting task of a directory, with its lease token; null when none waits."""
-    if request.method == "HEAD":
+    if request.environ["REQUEST_METHOD"] == "HEAD":
         # Bottle answers HEAD with a GET route, and HEAD's answer has no body: the claim's
         # lease token, shown nowhere else, would be thrown away with the task held.
         raise MethodNotAllowed("GET")
