@@ -2130,8 +2130,8 @@ class TaskStore:
             self._require(task, RETRYABLE, "retry")
             missing = self._missing_dependency(task)
             if missing is not None:
-                raise Conflict(f"task {task.id} depends on task {missing}, which was deleted; "
-                               "it can never run")
+                raise Conflict(f"task {task.id} depends on task {missing}, which was deleted "
+                               "(or dropped after retention) before it completed; it can never run")
             self._retry(task, now, events)
             return task.snapshot()
 
@@ -2386,8 +2386,10 @@ class TaskStore:
                 self._fail(task, "lease expired", True, now, events)
 
     def _drop_retained(self, now: float, events: list[dict]) -> None:
-        """Remove the tasks that finished `retention` seconds ago or more; as with a
-        deletion, a task retried to wait for one of them is cancelled."""
+        """Remove the tasks that finished `retention` seconds ago or more.
+
+        As with a deletion, a task retried to wait for one of them is cancelled.
+        """
         while self._finished and self._finished[0][0] + self.retention <= now:
             finished_at, task_id = heapq.heappop(self._finished)
             task = self._tasks.get(task_id)
@@ -2499,15 +2501,16 @@ class TaskStore:
 
     def _retry(self, task: Task, now: float, events: list[dict]) -> None:
         """A failed or cancelled task queued again; only a failure counts as a retry."""
+        # A task cancelled before its own start time comes back still delayed. Once an
+        # attempt has failed, a not_before still to come is a backoff's: not kept.
+        own_start = task.retry_count == 0 and task.not_before is not None and task.not_before > now
         if task.status == FAILED:
             task.retry_count += 1
             self._retries_total += 1
-        task.blocked_by = () if task.started_at is not None else tuple(
+        task.blocked_by = () if _has_run(task) else tuple(
             self._unfinished_dependencies(task.depends_on, new=False))
         self._wait_on(task)
-        # A task cancelled before its start time comes back as it was: still delayed.
-        start = task.not_before if task.not_before is not None and task.not_before > now else None
-        self._requeue(task, now, not_before=start)
+        self._requeue(task, now, not_before=task.not_before if own_start else None)
         events.append(_event("re-queued", task))
 
     def _unfinished_dependencies(self, depends_on: list[str], new: bool = True) -> list[str]:
@@ -2528,13 +2531,8 @@ class TaskStore:
         return unfinished
 
     def _missing_dependency(self, task: Task) -> str | None:
-        """A dependency of the task that was deleted, if any: it can never complete.
-
-        A finished task that has run (it keeps its started_at) was claimed once every
-        dependency had completed, and a completed task stays so: one gone since, deleted
-        or dropped after retention, completed first, and counts as met.
-        """
-        if task.started_at is not None:
+        """A dependency that went before it completed, if any: the task can never run."""
+        if _has_run(task):
             return None
         return next((task_id for task_id in task.depends_on if task_id not in self._tasks), None)
 
@@ -2861,6 +2859,16 @@ class TaskStore:
             )
 
 
+def _has_run(task: Task) -> bool:
+    """Whether a finished task was claimed since it was last queued (it keeps started_at).
+
+    It was claimed only once every dependency had completed, and a completed task
+    stays completed: a dependency gone since, deleted or dropped after retention,
+    had completed, and the task waits for none of them.
+    """
+    return task.started_at is not None
+
+
 def _count_down(counts: dict[str, int], key: str) -> None:
     """Take one from a count, dropping it at zero so that the dict holds live keys only."""
     counts[key] -= 1
@@ -2948,9 +2956,8 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._clients: OrderedDict[str, _Window] = OrderedDict()
 
-    def hit(self, client: str, cost: int = 1) -> int:
-        """Count one request from a client (cost 0: only check that one more fits); return
-        how many are left, or raise RateLimited."""
+    def hit(self, client: str) -> int:
+        """Count one request from a client; return how many are left, or raise RateLimited."""
         with self._lock:
             now = self._clock()
             counts = self._counts(client, int(now // self.window))
@@ -2958,8 +2965,15 @@ class RateLimiter:
             used = counts.previous * (1 - elapsed / self.window) + counts.count
             if used + 1 > self.limit:
                 raise RateLimited(self._retry_after(counts, elapsed))
-            counts.count += cost
-            return max(0, math.floor(self.limit - used - cost))
+            counts.count += 1
+            return max(0, math.floor(self.limit - used - 1))
+
+    def refund(self, client: str) -> None:
+        """Take back one request counted in the client's current window."""
+        with self._lock:
+            counts = self._clients.get(client)
+            if counts is not None and counts.count:
+                counts.count -= 1
 
     def __len__(self) -> int:
         """How many clients are remembered."""
@@ -3144,6 +3158,9 @@ class _Gate:
         self.allowed_hosts = {(name, port) for name, port in map(_host_port, config.allowed_hosts)
                               if port != 0}
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        #: Wrong API keys per address where not every request counts (/mcp, /metrics).
+        self.guesses = (RateLimiter(config.rate_limit)
+                        if config.rate_limit and config.api_key is not None else None)
         self.loopback_only = _is_loopback(config.host)
         #: A loopback server always checks Host; one bound further out only when told
         #: which names are its own.
@@ -3209,31 +3226,30 @@ class _Gate:
         if key is None or (key != own and key not in self.allowed_origins):
             raise Forbidden(f"origin {_shorten(origin)} is not allowed")
 
-    def count_request(self, cost: int = 1) -> None:
-        """Count the request against its client address (cost 0: only check that one more
-        fits); RateLimited when over."""
+    def count_request(self) -> None:
+        """Count the request against its client address; RateLimited when over."""
         if self.limiter is None:
             return
         response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
         response.set_header("X-RateLimit-Remaining", "0")  # stays when the limiter refuses
-        remaining = self.limiter.hit(_client_address(), cost)
+        remaining = self.limiter.hit(_client_address())
         response.set_header("X-RateLimit-Remaining", str(remaining))
 
     def _check_api_key_counting_guesses(self) -> None:
-        """The API key, where only a wrong one counts against the rate limit.
+        """The API key, where a wrong one counts in the `guesses` window; RateLimited when over.
 
-        A client that has spent its limit is refused before its key is looked at:
-        were the right key still answered, a 200 among the 429s would tell a guesser
-        which key is right, at any speed.
+        Each request is counted as a guess before its key is looked at, and given
+        back when the key is right: so an address that has spent the window is
+        refused whatever its key (a 200 among the 429s would tell a guesser which key
+        is right), even by requests racing for its last slot.
         """
-        if self.api_key is None:
-            return
-        self.count_request(cost=0)
-        try:
+        if self.guesses is None:
             self._check_api_key()
-        except Unauthorized:
-            self.count_request()
-            raise
+            return
+        client = _client_address()
+        self.guesses.hit(client)
+        self._check_api_key()  # Unauthorized leaves the guess counted
+        self.guesses.refund(client)
 
     def _check_api_key(self) -> None:
         """When a key is configured, require it as a bearer token (compared in constant time)."""
@@ -5008,13 +5024,14 @@ def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
-    """Rows in aligned columns; the flexible ones, in turn, are cut to fit the terminal."""
+    """Rows in aligned columns; the flexible ones, in turn, are cut to fit the output."""
     cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
     widths = [max(map(_width, column)) for column in zip(headers, *cells)]
     columns = _output_columns()
-    for column in flexible if columns is not None else ():
-        over = sum(widths) + 2 * (len(widths) - 1) - columns
-        widths[column] = max(8, widths[column] - max(0, over))
+    if columns is not None:
+        for column in flexible:
+            over = sum(widths) + 2 * (len(widths) - 1) - columns
+            widths[column] = max(8, widths[column] - max(0, over))
     lines = []
     for row in (headers, *cells):
         fitted = [_fit(text, width) for text, width in zip(row, widths)]
@@ -5023,8 +5040,10 @@ def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...
 
 
 def _output_columns() -> int | None:
-    """How wide a table may be: COLUMNS, else the terminal's width; None into a pipe or a
-    file, where whole texts serve grep better than cut ones."""
+    """How wide a table may be: COLUMNS, else the terminal's width, else (None) unbounded.
+
+    Into a pipe or a file, whole texts serve grep better than cut ones.
+    """
     if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
         return shutil.get_terminal_size().columns
     return None
@@ -5089,8 +5108,7 @@ def _show_task(task: dict) -> str:
 
 
 def _plain(value: object) -> str:
-    """A value of an answer as a terminal shows it: - for nothing, a list's items with
-    commas, an object as JSON."""
+    """A value as the terminal shows it: - for nothing, lists with commas, objects as JSON."""
     if value is None or value == [] or value == {}:
         return "-"
     if isinstance(value, list):

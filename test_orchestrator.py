@@ -920,6 +920,17 @@ def test_retrying_a_task_whose_dependency_was_deleted_conflicts(store):
     assert store.get(b.id).status == "cancelled"
 
 
+def test_a_retry_adds_no_backoff_even_to_a_task_cancelled_during_one(clock):
+    store = TaskStore(retry_backoff=30, clock=clock)
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    held = store.claim("/r", "w")
+    store.fail(task.id, {"lease_token": held.lease_token, "error": "flaky"})
+    assert store.get(task.id).not_before > clock()  # backing off
+    store.cancel(task.id)
+    assert store.retry(task.id).not_before is None
+    assert store.claim("/r", "w").id == task.id
+
+
 def test_a_dependency_dropped_after_retention_cancels_the_task_still_waiting_for_it(store,
                                                                                     clock):
     a = make(store, "a")
@@ -3200,7 +3211,7 @@ def test_metrics_follow_the_exposition_rules(client, make_task):
         assert all(re.fullmatch(r'[a-z_]+="[^"\\\n]*"', pair) for pair in labels.split(","))
 
 
-def test_metrics_need_the_key_obey_the_host_rule_and_are_not_rate_limited(store):
+def test_metrics_need_the_key_obey_the_host_rule_and_scrapes_do_not_count(store):
     client = webtest.TestApp(create_app(Config(rate_limit=1, api_key="s3cret"), store))
     bearer = {"Authorization": "Bearer s3cret"}
     for _ in range(3):
@@ -3995,6 +4006,36 @@ def test_mcp_refuses_an_address_that_spent_its_limit_on_guesses_even_with_the_ke
                            headers={"Authorization": f"Bearer {key}"}).status_int
 
     assert [ping("guess"), ping("guess"), ping("s3cret")] == [401, 401, 429]
+
+
+def test_mcp_tool_calls_over_the_limit_are_tool_results_with_a_key_too(store):
+    client = webtest.TestApp(create_app(Config(rate_limit=1, api_key="s3cret"), store))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "get_statistics"}}).encode()
+    answers = [client.post("/mcp", body, content_type="application/json",
+                           headers={"Authorization": "Bearer s3cret",
+                                    "MCP-Protocol-Version": "2025-11-25"}).json["result"]
+               for _ in range(3)]
+    assert [answer["isError"] for answer in answers] == [False, True, True]
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_int == 200
+
+
+def test_a_guess_is_counted_before_its_key_is_compared_and_given_back_when_right(monkeypatch):
+    gate = orchestrator._Gate(Config(rate_limit=1, api_key="s3cret"))
+    compare = gate._check_api_key
+    raced = []
+
+    def compare_while_another_races():
+        # The one slot is this request's while its key is compared: a racer gets none.
+        with pytest.raises(RateLimited):
+            gate.guesses.hit("unknown")
+        raced.append(True)
+        compare()
+
+    monkeypatch.setattr(gate, "_check_api_key", compare_while_another_races)
+    bottle.request.bind({"HTTP_AUTHORIZATION": "Bearer s3cret", "PATH_INFO": "/metrics"})
+    gate._check_api_key_counting_guesses()
+    assert raced and gate.guesses.hit("unknown") == 0  # the right key gave its slot back
 
 
 def test_mcp_rate_limit_answers_tool_calls_as_tool_results(store):
