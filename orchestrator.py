@@ -2546,6 +2546,8 @@ class TaskStore:
         """What a task's end means for the tasks blocked by it: completed (ended None),
         one less dependency; failed, cancelled or deleted, each of them cancelled, and
         theirs in turn. O(dependents), without recursion however long the chain."""
+        if task.id not in self._dependents:
+            return  # most tasks: nothing waits for them
         cause = f"task {task.id} {ended}"  # named in every cancelled task's error
         pending = [(task.id, ended)]
         while pending:
