@@ -2122,7 +2122,8 @@ class TaskStore:
         """Put a failed or cancelled task back in the queue, even past max_retries: a person decided.
 
         Retrying a failure counts as a retry; bringing back a cancelled task does
-        not, since no attempt failed, and keeps its not_before if that is still to come.
+        not, since no attempt failed, and keeps a start time of its own still to come.
+        No backoff is added or kept.
         """
         TASK_RETRY.clean(fields or {})
         with self._transaction() as (now, events):
@@ -2544,8 +2545,8 @@ class TaskStore:
     def _settle_dependents(self, task: Task, ended: str | None, now: float,
                            events: list[dict]) -> None:
         """What a task's end means for the tasks blocked by it: completed (ended None),
-        one less dependency; failed, cancelled or deleted, each of them cancelled, and
-        theirs in turn. O(dependents), without recursion however long the chain."""
+        one less dependency; failed, cancelled, deleted or dropped, each of them cancelled,
+        and theirs in turn. O(dependents), without recursion however long the chain."""
         if task.id not in self._dependents:
             return  # most tasks: nothing waits for them
         cause = f"task {task.id} {ended}"  # named in every cancelled task's error
