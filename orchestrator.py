@@ -4111,8 +4111,12 @@ def _check_modern_request(message: dict) -> None:
     params = message.get("params", {})
     meta = params.get("_meta")
     if not isinstance(meta, dict) or not {_VERSION_KEY, _CAPABILITIES_KEY} <= meta.keys():
-        raise _RpcError(_INVALID_PARAMS, f"params._meta must carry {_VERSION_KEY} and "
-                        f"{_CAPABILITIES_KEY}", status=400)
+        named = _header("MCP-Protocol-Version")
+        unknown = (f"MCP-Protocol-Version {_shorten(named)} is none of "
+                   f"{', '.join(_MCP_VERSIONS)}; read as {_MCP_MODERN_VERSION}, "
+                   if named is not None and named not in _MCP_VERSIONS else "")
+        raise _RpcError(_INVALID_PARAMS, f"{unknown}params._meta must carry {_VERSION_KEY} "
+                        f"and {_CAPABILITIES_KEY}", status=400)
     mirrored = [("MCP-Protocol-Version", meta[_VERSION_KEY]), ("Mcp-Method", message["method"])]
     if message["method"] == "tools/call" and "name" in params:
         mirrored.append(("Mcp-Name", params["name"]))

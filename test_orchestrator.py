@@ -3720,6 +3720,11 @@ def test_an_unsupported_version_header_without_meta_is_a_400(rpc):
     assert res.json["error"]["code"] == -32602
 
 
+def test_an_unknown_version_header_is_named_with_the_versions_spoken(rpc):
+    message = rpc("tools/list", version="1999-01-01", status=400).json["error"]["message"]
+    assert "1999-01-01" in message and "2025-11-25" in message and "2026-07-28" in message
+
+
 @pytest.mark.parametrize("method, version, status", [
     ("resources/list", "2025-11-25", 200),
     ("server/discover", "2025-06-18", 200),
