@@ -585,6 +585,26 @@ def _copy_json(value: object) -> object:
     return value
 
 
+def _json_encoder(ascii_only: bool) -> Callable[[object], str]:
+    """json.dumps(value, ensure_ascii=ascii_only), from an encoder built once.
+
+    json.dumps builds a new encoder (and a closure) on every call, which costs as much
+    as encoding a health answer. No cycle check (markers None, so that one encoder
+    serves every thread): what is encoded here is a tree of JSON values.
+    """
+    if json.encoder.c_make_encoder is None:  # an interpreter without json's C part
+        return json.JSONEncoder(ensure_ascii=ascii_only).encode
+    chunks = json.encoder.c_make_encoder(
+        None, json.JSONEncoder().default,
+        json.encoder.encode_basestring_ascii if ascii_only else json.encoder.encode_basestring,
+        None, ": ", ", ", False, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+_unicode_json = _json_encoder(ascii_only=False)
+_ascii_json = _json_encoder(ascii_only=True)
+
+
 #: A task's fields in declaration order, read in one call: snapshot() passes them on.
 _every_field = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 
@@ -601,16 +621,20 @@ def _instant(timestamp: float) -> str:
     per second; the digits are what datetime's isoformat(timespec="milliseconds") gives.
     """
     # The steps of datetime.fromtimestamp: the fraction rounded to the nearest microsecond,
-    # then carried into the seconds either way. Small numbers and %-formatting: this runs
-    # for every instant of every answer, and an f-string's format spec or arithmetic on
-    # all the microseconds since 1970 (beyond a machine word) each cost more than the rest.
+    # then carried into the seconds either way. Small numbers and lookups: this runs for
+    # every instant of every answer, and a format spec or arithmetic on all the
+    # microseconds since 1970 (beyond a machine word) each cost more than the rest.
     fraction, whole = math.modf(timestamp)
     seconds, microseconds = int(whole), round(fraction * 1e6)
     if microseconds >= 1_000_000:
         seconds, microseconds = seconds + 1, microseconds - 1_000_000
     elif microseconds < 0:
         seconds, microseconds = seconds - 1, microseconds + 1_000_000
-    return "%s.%03dZ" % (_utc_second(seconds), microseconds // 1000)
+    return _utc_second(seconds) + _MILLISECOND_ENDINGS[microseconds // 1000]
+
+
+#: ".000Z" to ".999Z": looked up rather than %-formatted, at a third of the cost.
+_MILLISECOND_ENDINGS = tuple(f".{millisecond:03d}Z" for millisecond in range(1000))
 
 
 #: A task's instants are shown again and again (each answer about it, each list and page
@@ -1224,9 +1248,9 @@ def _column(item: dataclasses.Field, hint: object) -> _Column:
         return _Column("queue_seq", item.name, "INTEGER", _queue_seq, None)
     native = _native_type(hint)
     if native is None:
-        # json.dumps escapes all but ASCII, so even a lone surrogate in metadata, which
+        # ASCII JSON escapes all but ASCII, so even a lone surrogate in metadata, which
         # UTF-8 (and so SQLite) cannot carry, is stored as it came.
-        encode, decode, sql_type = json.dumps, json.loads, "TEXT"
+        encode, decode, sql_type = _ascii_json, json.loads, "TEXT"
     else:
         encode, decode, sql_type = None, (bool if native is bool else None), _NATIVE_TYPES[native]
     declaration = sql_type
@@ -3043,17 +3067,15 @@ def _utf8_json(value: object) -> bytes:
     that is not valid Unicode (a lone surrogate inside metadata) cannot be UTF-8;
     then the whole body falls back to ASCII escapes, which JSON allows.
     """
-    text = _UNICODE_JSON.encode(value)
+    text = _unicode_json(value)
     if text.isascii() and "\x7f" not in text:  # JSON escaped C0 already: nothing left to do
         return text.encode()
     try:
         return _escape_controls(text).encode()
     except UnicodeEncodeError:
-        return json.dumps(value).encode()
+        return _ascii_json(value).encode()
 
 
-#: json.dumps with any option but the defaults builds a new encoder on every call.
-_UNICODE_JSON = json.JSONEncoder(ensure_ascii=False)
 
 
 def _error_envelope(error: OrchestratorError) -> bytes:
@@ -3185,7 +3207,9 @@ class _Gate:
             # counts tool calls (in the MCP section). Wrong keys do.
             self._check_browser(environ)
             self._check_api_key_counting_guesses()
-        self._check_body_size(environ.get("CONTENT_LENGTH") or "0")
+        declared = environ.get("CONTENT_LENGTH")
+        if declared:  # most requests without a body say nothing of its length
+            self._check_body_size(declared)
 
     def _check_host(self, host: str | None) -> None:
         """DNS rebinding: a page whose name now resolves to us sends that name as Host.
@@ -3446,7 +3470,9 @@ def _claim_task(store: TaskStore, fields: dict) -> dict | None:
 
 def _claimed_dict(task: Task) -> dict:
     """A claimed task as the API shows it to its claimant: with its lease token."""
-    return {**task.to_dict(), "lease_token": task.lease_token}
+    shown = task.to_dict()
+    shown["lease_token"] = task.lease_token
+    return shown
 
 
 def _handed_back_if_gone(store: TaskStore, task: dict) -> bool:
@@ -3909,7 +3935,7 @@ _DESTRUCTIVE = {**_ADDITIVE, "destructiveHint": True, "idempotentHint": True}
 
 def _json_text(data: object, arguments: dict) -> str:
     """A tool result's text: its data as JSON."""
-    return json.dumps(data, ensure_ascii=False)
+    return _unicode_json(data)
 
 
 def _wait_text(data: dict, arguments: dict) -> str:
@@ -3919,14 +3945,14 @@ def _wait_text(data: dict, arguments: dict) -> str:
     else:
         said = (f"Task {data['id']} has not finished: it is {data['status']}. "
                 "Call wait_for_task again to keep waiting.")
-    return said + "\n" + json.dumps(data, ensure_ascii=False)
+    return said + "\n" + _unicode_json(data)
 
 
 def _acquire_text(data: dict, arguments: dict) -> str:
     """acquire_task's text says plainly when nothing was waiting."""
     if data["task"] is None:
         return f"No task is waiting in {arguments['work_path']} right now."
-    return json.dumps(data, ensure_ascii=False)
+    return _unicode_json(data)
 
 
 @dataclass(frozen=True, slots=True)
