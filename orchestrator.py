@@ -1248,7 +1248,7 @@ def _column(item: dataclasses.Field, hint: object) -> _Column:
         return _Column("queue_seq", item.name, "INTEGER", _queue_seq, None)
     native = _native_type(hint)
     if native is None:
-        # ASCII JSON escapes all but ASCII, so even a lone surrogate in metadata, which
+        # _ascii_json escapes all but ASCII, so even a lone surrogate in metadata, which
         # UTF-8 (and so SQLite) cannot carry, is stored as it came.
         encode, decode, sql_type = _ascii_json, json.loads, "TEXT"
     else:
@@ -3074,8 +3074,6 @@ def _utf8_json(value: object) -> bytes:
         return _escape_controls(text).encode()
     except UnicodeEncodeError:
         return _ascii_json(value).encode()
-
-
 
 
 def _error_envelope(error: OrchestratorError) -> bytes:
