@@ -1119,6 +1119,11 @@ def _reporter_required(schema: Schema) -> Schema:
     return dataclasses.replace(schema, one_of=REPORTER_FIELDS)
 
 
+#: The complete and fail bodies with a reporter required, by name: made once, since a
+#: store whose anonymous_reports is off checks every report against one.
+_REPORTER_REQUIRED = {body.name: _reporter_required(body) for body in (TASK_COMPLETE, TASK_FAIL)}
+
+
 def _nullable(schema: dict) -> dict:
     """The schema, or null."""
     return {"anyOf": [schema, {"type": "null"}]}
@@ -2855,7 +2860,7 @@ class TaskStore:
 
     def _report_body(self, body: Schema) -> Schema:
         """A complete or fail body as this store takes it: anonymous, or naming its reporter."""
-        return body if self.anonymous_reports else _reporter_required(body)
+        return body if self.anonymous_reports else _REPORTER_REQUIRED[body.name]
 
     def _held(self, task_id: str, reporter: Mapping[str, object]) -> Task:
         """The working task a report is about, held by the reporter it names; Conflict otherwise.
