@@ -3260,10 +3260,12 @@ class _Gate:
         """Count the request against its client address; RateLimited when over."""
         if self.limiter is None:
             return
-        response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
-        response.set_header("X-RateLimit-Remaining", "0")  # stays when the limiter refuses
-        remaining = self.limiter.hit(_client_address())
-        response.set_header("X-RateLimit-Remaining", str(remaining))
+        remaining = 0  # what a refused request is told
+        try:
+            remaining = self.limiter.hit(_client_address())
+        finally:
+            response.set_header("X-RateLimit-Limit", str(self.limiter.limit))
+            response.set_header("X-RateLimit-Remaining", str(remaining))
 
     def _check_api_key_counting_guesses(self) -> None:
         """The API key, where a wrong one counts in the `guesses` window; RateLimited when over.
