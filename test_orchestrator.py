@@ -207,22 +207,24 @@ def test_instants_read_as_datetime_shows_them_over_many_random_ones():
         assert orchestrator._instant(instant) == as_datetime_shows(instant)
 
 
-JSON_SAMPLES = [
+@pytest.mark.parametrize("value", [
     {"prompt": "naïve café ✓", "tags": ["a", "b"], "n": 3, "x": 1.5, "none": None, "yes": True},
     ["\u2028", "\x7f", "\ud800", {"nested": [[], {}]}], "text", 0, -2.25, None, False,
-]
+    [float("nan"), float("inf"), -0.0, 10 ** 30], {1: "a", 2.5: "b", None: "c", True: "d"},
+])
+@pytest.mark.parametrize("ascii_only", [True, False])
+@pytest.mark.parametrize("with_c_encoder", [True, False])
+def test_the_json_encoders_write_what_json_dumps_writes(monkeypatch, value, ascii_only,
+                                                         with_c_encoder):
+    if not with_c_encoder:  # an interpreter without json's C part
+        monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    assert orchestrator._json_encoder(ascii_only)(value) == json.dumps(value, ensure_ascii=ascii_only)
 
 
 @pytest.mark.parametrize("ascii_only", [True, False])
-@pytest.mark.parametrize("with_c_encoder", [True, False])
-def test_the_json_encoders_write_what_json_dumps_writes(monkeypatch, ascii_only, with_c_encoder):
-    if not with_c_encoder:  # an interpreter without json's C part
-        monkeypatch.setattr(json.encoder, "c_make_encoder", None)
-    encode = orchestrator._json_encoder(ascii_only)
-    for value in JSON_SAMPLES:
-        assert encode(value) == json.dumps(value, ensure_ascii=ascii_only)
+def test_the_json_encoders_refuse_what_json_cannot_hold(ascii_only):
     with pytest.raises(TypeError, match="not JSON serializable"):
-        encode({"when": datetime.datetime.now()})
+        orchestrator._json_encoder(ascii_only)({"when": datetime.datetime.now()})
 
 
 def as_datetime_shows(instant: float) -> str:
