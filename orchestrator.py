@@ -1222,7 +1222,10 @@ _APPLICATION_ID = 0x4F524348  # "ORCH" in the file's header: this service's data
 #: The schema's version, kept in PRAGMA user_version. Columns for Task fields added
 #: later are added at open without raising it (an older version ignores them); raise
 #: it for any other change, since an older version refuses a newer file.
-_SCHEMA_VERSION = 1
+#: 2: the rows are keyed by the task's number, not its id; and the sequence counter is
+#: no longer saved with each change, since the rows carry every number it handed out
+#: (version 1 would trust the counter and reuse numbers).
+_SCHEMA_VERSION = 2
 #: Python types SQLite keeps as they are; a field of any other type is stored as JSON.
 _NATIVE_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
 
@@ -1263,9 +1266,11 @@ def _column(item: dataclasses.Field, hint: object) -> _Column:
     else:
         encode, decode, sql_type = None, (bool if native is bool else None), _NATIVE_TYPES[native]
     declaration = sql_type
-    if item.name == "id":
+    if item.name == "number":
+        # The row's key is the task's number, not its random id: new rows go at the end of
+        # the table, where a random key would rewrite a page of its index for each.
         declaration += " PRIMARY KEY"
-    if item.name == "version":
+    if item.name in ("id", "version"):
         declaration += " NOT NULL"
     default = _default(item)
     if default is not None:
@@ -1312,10 +1317,10 @@ def _upsert_statement(columns: tuple[_Column, ...], rows: int) -> str:
     names = ", ".join(f'"{column.name}"' for column in columns)
     marks = ", ".join(["(" + ", ".join("?" * len(columns)) + ")"] * rows)
     updates = ", ".join(f'"{column.name}" = excluded."{column.name}"'
-                        for column in columns if column.name != "id")
+                        for column in columns if column.name != "number")
     # The version guard makes a replayed row harmless: an older copy never overwrites a newer one.
     return (f"INSERT INTO tasks ({names}) VALUES {marks} "
-            f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.version > tasks.version")
+            f"ON CONFLICT (number) DO UPDATE SET {updates} WHERE excluded.version > tasks.version")
 
 
 def _run_in_one_transaction(connection: sqlite3.Connection,
@@ -1424,7 +1429,8 @@ def _scalar(connection: sqlite3.Connection, sql: str) -> object:
 
 
 def _migrate(connection: sqlite3.Connection, columns: tuple[_Column, ...]) -> None:
-    """Create the tables, or add the columns that Task fields newer than the file need."""
+    """Create the tables, or bring an older file's up to date: the columns that newer Task
+    fields need, and from version 1 the rows keyed by number."""
     connection.execute("BEGIN IMMEDIATE")
     declarations = ", ".join(f'"{column.name}" {column.declaration}' for column in columns)
     connection.execute(f"CREATE TABLE IF NOT EXISTS tasks ({declarations})")
@@ -1433,6 +1439,14 @@ def _migrate(connection: sqlite3.Connection, columns: tuple[_Column, ...]) -> No
     for column in columns:
         if column.name not in present:
             connection.execute(f'ALTER TABLE tasks ADD COLUMN "{column.name}" {column.declaration}')
+    if _scalar(connection, "PRAGMA user_version") == 1:
+        # Version 1 keyed the rows by id. A table's key cannot be altered: copy the rows
+        # into a table keyed by number, in this same transaction.
+        names = ", ".join(f'"{column.name}"' for column in columns)
+        connection.execute(f"CREATE TABLE tasks_by_number ({declarations})")
+        connection.execute(f"INSERT INTO tasks_by_number ({names}) SELECT {names} FROM tasks")
+        connection.execute("DROP TABLE tasks")
+        connection.execute("ALTER TABLE tasks_by_number RENAME TO tasks")
     connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
     connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
     connection.execute("COMMIT")
@@ -1480,7 +1494,7 @@ class _Journal:
         journal = _Journal("tasks.db")
         rows, counters = journal.load()
         with lock:
-            ticket = journal.record([copy.copy(task)], [], {"sequence": 42})
+            ticket = journal.record([copy.copy(task)], [], {"retries_total": 3})
         journal.wait(ticket)  # StorageError if the change could not be saved
         journal.close()
     """
@@ -1508,10 +1522,10 @@ class _Journal:
             raise
         #: Appended by record() under the store's lock, which orders the tickets and the
         #: queue alike, so its order is the store's; only the writer pops from it.
-        self._queue: deque[tuple[int, list, list[str], dict]] = deque()
+        self._queue: deque[tuple[int, list, list[int], dict]] = deque()
         self._tickets = 0  # the last ticket handed out; guarded by the store's lock
         # The writer's own: what it took from the queue and has not committed yet.
-        self._unsaved: dict[str, Task | None] = {}  # id -> its latest row; None once deleted
+        self._unsaved: dict[int, Task | None] = {}  # number -> its latest row; None once deleted
         self._unsaved_counters: dict[str, int] = {}
         self._taken = 0  # the last ticket taken from the queue
         #: The journal's own lock (never the store's); it guards the attributes below.
@@ -1550,8 +1564,9 @@ class _Journal:
         counters = dict(self._connection.execute("SELECT name, value FROM meta").fetchall())
         return tasks, counters
 
-    def record(self, tasks: list, deleted: list[str], counters: dict[str, int]) -> int:
-        """Queue the store's changed rows, deleted ids and counters; return the ticket to wait on.
+    def record(self, tasks: list, deleted: list[int], counters: dict[str, int]) -> int:
+        """Queue the store's changed rows, the numbers of deleted tasks, and counters; return
+        the ticket to wait on.
 
         Call it under the store's lock, with objects the store will not change
         again. It does no I/O and takes no lock, so it cannot stall the store.
@@ -1651,16 +1666,16 @@ class _Journal:
         for _ in range(len(self._queue)):
             ticket, tasks, deleted, counters = self._queue.popleft()
             for task in tasks:
-                self._unsaved[task.id] = task
-            for task_id in deleted:
-                self._unsaved[task_id] = None
+                self._unsaved[task.number] = task
+            for number in deleted:
+                self._unsaved[number] = None
             self._unsaved_counters.update(counters)
             self._taken = ticket
 
     def _commit(self) -> None:
         """Write the unsaved changes in one transaction; on any error roll it back and raise."""
         rows = [self._row(task) for task in self._unsaved.values() if task is not None]
-        deleted = [(task_id,) for task_id, task in self._unsaved.items() if task is None]
+        deleted = [(number,) for number, task in self._unsaved.items() if task is None]
         counters = [(name, value) for name, value in self._unsaved_counters.items()
                     if self._counters_on_disk.get(name) != value]
         # Each statement with its sets of parameters. Up to _UPSERT_ROWS rows in one
@@ -1670,7 +1685,7 @@ class _Journal:
         statements = [(self._upserts[len(chunk)], [[value for row in chunk for value in row]])
                       for chunk in chunks]
         if deleted:
-            statements.append(("DELETE FROM tasks WHERE id = ?", deleted))
+            statements.append(("DELETE FROM tasks WHERE number = ?", deleted))
         if counters:
             statements.append((_SET_COUNTER, counters))
         _run_in_one_transaction(self._connection, statements)
@@ -1951,9 +1966,9 @@ class TaskStore:
         self._wait_seconds = _Histogram()  # created -> claimed
         self._run_seconds = {status: _Histogram() for status in FINISHED}  # claimed -> finished
         self._directories_waiting = 0  # directories with a waiting task
-        #: What the current operation changed, to be written to the data file: id -> the
-        #: task, or None once deleted.
-        self._changed: dict[str, Task | None] = {}
+        #: What the current operation changed, to be written to the data file: the task's
+        #: number (its row's key) -> the task, or None once deleted.
+        self._changed: dict[int, Task | None] = {}
         #: The data file, when there is one; it only records what the store decided.
         self._journal = None if path is None else _Journal(path, sync)
         if self._journal is not None:
@@ -2350,9 +2365,9 @@ class TaskStore:
         if not self._changed:
             return self._journal.last_ticket
         tasks, deleted = [], []
-        for task_id, task in self._changed.items():
+        for number, task in self._changed.items():
             if task is None:
-                deleted.append(task_id)
+                deleted.append(number)
             else:
                 task.version += 1
                 # The store replaces a task's lists and dicts, never changes them in
@@ -2360,7 +2375,10 @@ class TaskStore:
                 # encodes it after the lock is released.
                 tasks.append(copy.copy(task))
         self._changed = {}
-        counters = {"sequence": self._sequence, "retries_total": self._retries_total,
+        # Not the sequence: every number and queue place it hands out is in a row, and a
+        # restart goes on from the highest (_restore). Left out, a batch of creates is one
+        # statement, which the journal commits in one trip through SQLite.
+        counters = {"retries_total": self._retries_total,
                     "expired_leases_total": self._expired_leases_total}
         return self._journal.record(tasks, deleted, counters)
 
@@ -2665,7 +2683,7 @@ class TaskStore:
         del self._tasks[task.id]
         self._idempotency.pop(task.idempotency_key, None)
         if self._journal is not None:
-            self._changed[task.id] = None
+            self._changed[task.number] = None
 
     def _note_worker(self, worker_id: str, now: float, outcome: str | None = None) -> None:
         """Note a worker's claim or report (and a report's outcome); forget the stale ones."""
@@ -2696,7 +2714,7 @@ class TaskStore:
     def _touch(self, task: Task) -> None:
         """Note a changed task, to be written to the data file with this operation."""
         if self._journal is not None:
-            self._changed[task.id] = task
+            self._changed[task.number] = task
 
     def _next_sequence(self) -> int:
         """The next number of the store's one sequence: creation order and queue places."""
@@ -2849,9 +2867,17 @@ class TaskStore:
                     self._idempotency[task.idempotency_key] = task.id
             for heap in (*self._queues.values(), self._leases, self._finished, self._delayed):
                 heapq.heapify(heap)
-            self._sequence = counters.get("sequence", 0)
+            # A file from version 1 saved the counter, which may be higher than any row.
+            self._sequence = max(counters.get("sequence", 0), self._highest_sequence_held())
             self._retries_total = counters.get("retries_total", 0)
             self._expired_leases_total = counters.get("expired_leases_total", 0)
+
+    def _highest_sequence_held(self) -> int:
+        """The highest number or queue place any task holds (lock held); 0 with no tasks."""
+        numbers = (task.number for task in self._tasks.values())
+        places = (abs(task.queue_entry[1]) for task in self._tasks.values()
+                  if task.queue_entry is not None)  # abs: a released task's place is below 0
+        return max(max(numbers, default=0), max(places, default=0))
 
     # -- lookups (lock held) -------------------------------------------------
 

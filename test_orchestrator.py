@@ -2635,6 +2635,73 @@ def test_new_tasks_after_a_restart_queue_behind_the_old_ones(open_store):
     assert [t.prompt for t in reopened.list()["tasks"]] == ["new", "old"]
 
 
+def test_numbers_and_places_after_a_restart_go_on_above_every_stored_one(open_store):
+    # The sequence is not saved with each change: a restart goes on from the rows.
+    store = open_store()
+    for prompt in ("old1", "old2"):
+        store.create({"work_directory": "/r", "prompt": prompt})
+    held = store.claim("/r", "w")
+    store.release(held.id, {"lease_token": held.lease_token})  # first in line, place < 0
+    handed_out = store._sequence  # its last value went to that place
+    store.close()
+    reopened = open_store()
+    assert reopened._sequence == handed_out
+    reopened.create({"work_directory": "/r", "prompt": "new"})
+    again = reopened.claim("/r", "w")
+    reopened.release(again.id, {"lease_token": again.lease_token})
+    assert claim_order(reopened, "/r") == ["old1", "old2", "new"]
+    assert [t.prompt for t in reopened.list()["tasks"]] == ["new", "old2", "old1"]
+
+
+def test_a_saved_sequence_above_the_rows_is_still_honoured(open_store, data_file):
+    # Version 1 saved the counter with each change; its newest tasks may be gone.
+    store = open_store()
+    store.create({"work_directory": "/r", "prompt": "kept"})
+    store.close()
+    with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
+        connection.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sequence', 1000)")
+    reopened = open_store()
+    task, _ = reopened.create({"work_directory": "/r", "prompt": "new"})
+    assert task.number == 1001
+    with contextlib.closing(sqlite3.connect(data_file)) as connection:
+        # Marked as this version's, so that version 1, which trusts the counter, refuses it.
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_a_version_1_file_is_upgraded_to_rows_keyed_by_number(open_store, data_file):
+    # Version 1 keyed the rows by the task's id. Opening its file copies them into a
+    # table keyed by number; every task comes back as it was, and goes on being saved.
+    store = open_store()
+    store.create({"work_directory": "/r", "prompt": "held", "metadata": {"k": [1, 2]}})
+    held = store.claim("/r", "w")
+    doomed, _ = store.create({"work_directory": "/r", "prompt": "doomed", "tags": ["a"]})
+    saved = everything(store)
+    store.close()
+    with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
+        table = connection.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks'").fetchone()[0]
+        keyed_by_id = (table.replace('"id" TEXT NOT NULL', '"id" TEXT PRIMARY KEY')
+                       .replace('"number" INTEGER PRIMARY KEY', '"number" INTEGER'))
+        assert keyed_by_id != table
+        connection.execute("ALTER TABLE tasks RENAME TO tasks_as_they_are")
+        connection.execute(keyed_by_id)
+        connection.execute("INSERT INTO tasks SELECT * FROM tasks_as_they_are")
+        connection.execute("DROP TABLE tasks_as_they_are")
+        connection.execute("PRAGMA user_version = 1")
+    upgraded = open_store()
+    assert everything(upgraded) == saved
+    upgraded.complete(held.id, {"lease_token": held.lease_token})
+    upgraded.delete(doomed.id)
+    after = everything(upgraded)
+    upgraded.close()
+    assert everything(open_store()) == after
+    with contextlib.closing(sqlite3.connect(data_file)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert sorted(name for name, in tables) == ["meta", "tasks"]
+        keys = connection.execute("SELECT number, rowid FROM tasks").fetchall()
+        assert keys == [(held.number, held.number)]  # the number is the row's key
+
+
 def restart_holding_a_task(open_store, clock, down_for):
     """A store whose task "w" holds is closed, the clock moved on, the file opened again."""
     store = open_store()
