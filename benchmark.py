@@ -416,7 +416,8 @@ def data_file_figures(folder: str) -> bool:
              "data file, normal": {"APP_DATA_SYNC": "normal"}}
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for repeat in range(PAIRS):
-        # Memory alternates between first and last, so that neither always follows the other.
+        # Memory runs first in even rounds and last in odd ones, so that the data file's
+        # runs neither always follow it nor always precede it.
         for name in list(modes) if repeat % 2 == 0 else reversed(modes):
             environment = modes[name]
             if environment:
@@ -430,14 +431,15 @@ def data_file_figures(folder: str) -> bool:
                 completes = load(ours.url, "", COMPLETE_BODY, ids=ours.held_ids(),
                                  seconds=SECONDS - 1).per_second
             rates[name].append((creates, 2 / (1 / claims + 1 / completes)))
-    print(f"\nover HTTP, {CONNECTIONS} connections, the median of {PAIRS} rounds"
-          "    creates/s   claim+complete/s   ratio to memory")
+    print(f"\nthe data file against memory over HTTP, {CONNECTIONS} connections, the median of"
+          f" {PAIRS} rounds\n(each column a median on its own; a ratio is the median round's)")
+    print(f"{'':<26} {'creates/s':>10} {'claim+complete/s':>18}   ratio to memory")
     ratios = {}
     for name, figures in rates.items():
         ratios[name] = [statistics.median(mode[part] / memory[part] for mode, memory
                                           in zip(figures, rates["in memory"])) for part in (0, 1)]
         creates, cycles = (statistics.median(figure[part] for figure in figures) for part in (0, 1))
-        print(f"{name:<26} {creates:10.0f} {cycles:18.0f}       ×{ratios[name][0]:.2f}"
+        print(f"{name:<26} {creates:10.0f} {cycles:18.0f}   ×{ratios[name][0]:.2f}"
               f" / ×{ratios[name][1]:.2f}")
     return min(ratios["data file, full"]) >= 0.7
 

@@ -1223,8 +1223,8 @@ _APPLICATION_ID = 0x4F524348  # "ORCH" in the file's header: this service's data
 #: later are added at open without raising it (an older version ignores them); raise
 #: it for any other change, since an older version refuses a newer file.
 #: 2: the rows are keyed by the task's number, not its id; and the sequence counter is
-#: no longer saved with each change, since the rows carry every number it handed out
-#: (version 1 would trust the counter and reuse numbers).
+#: no longer saved with each change, since the rows carry every number still in use
+#: (version 1 would trust its stale counter and hand out numbers that rows hold).
 _SCHEMA_VERSION = 2
 #: Python types SQLite keeps as they are; a field of any other type is stored as JSON.
 _NATIVE_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
@@ -1327,11 +1327,12 @@ def _run_in_one_transaction(connection: sqlite3.Connection,
                             statements: list[tuple[str, list]]) -> None:
     """Run each statement with its sets of parameters, all or none; on any error roll back
     and raise."""
-    if len(statements) == 1:
-        # One statement is a transaction of its own, and the usual batch of claims or
-        # reports is one upsert. BEGIN and COMMIT would be two more trips through SQLite,
-        # each letting go of the GIL, which the writer then waits behind the request
-        # threads to get back.
+    if len(statements) == 1 and len(statements[0][1]) == 1:
+        # One statement run once is a transaction of its own, and the usual batch is one
+        # upsert. BEGIN and COMMIT would be two more trips through SQLite, each letting
+        # go of the GIL, which the writer then waits behind the request threads to get
+        # back. (Run once per set of parameters, as for several deletions, each run
+        # would commit on its own.)
         connection.executemany(*statements[0])
         return
     connection.execute("BEGIN IMMEDIATE")
@@ -1554,9 +1555,9 @@ class _Journal:
         names = [column.name for column in self._columns]
         selected = ", ".join(f'"{name}"' for name in names)
         with _collector_paused():
-            rows = self._connection.execute(f"SELECT {selected} FROM tasks").fetchall()
-            # Sorted here: an ORDER BY would drag every whole row through SQLite's sorter.
-            rows.sort(key=operator.itemgetter(names.index("number")))
+            # The number is the table's key: SQLite reads the rows in its order, unsorted.
+            rows = self._connection.execute(
+                f"SELECT {selected} FROM tasks ORDER BY number").fetchall()
             tasks = [dict(zip(names, row)) for row in rows]
             for column in self._columns:
                 if column.decode is not None:
@@ -2375,9 +2376,10 @@ class TaskStore:
                 # encodes it after the lock is released.
                 tasks.append(copy.copy(task))
         self._changed = {}
-        # Not the sequence: every number and queue place it hands out is in a row, and a
-        # restart goes on from the highest (_restore). Left out, a batch of creates is one
-        # statement, which the journal commits in one trip through SQLite.
+        # Not the sequence: every number and queue place still in use is in a row, and a
+        # restart goes on above the highest (_restore). One that no row holds any more
+        # may be handed out again, which nothing can tell. Left out, a batch of creates
+        # is one statement, which the journal commits in one trip through SQLite.
         counters = {"retries_total": self._retries_total,
                     "expired_leases_total": self._expired_leases_total}
         return self._journal.record(tasks, deleted, counters)

@@ -2660,6 +2660,7 @@ def test_a_saved_sequence_above_the_rows_is_still_honoured(open_store, data_file
     store.close()
     with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
         connection.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sequence', 1000)")
+        connection.execute("PRAGMA user_version = 1")
     reopened = open_store()
     task, _ = reopened.create({"work_directory": "/r", "prompt": "new"})
     assert task.number == 1001
@@ -2686,6 +2687,7 @@ def test_a_version_1_file_is_upgraded_to_rows_keyed_by_number(open_store, data_f
         connection.execute(keyed_by_id)
         connection.execute("INSERT INTO tasks SELECT * FROM tasks_as_they_are")
         connection.execute("DROP TABLE tasks_as_they_are")
+        connection.execute("ALTER TABLE tasks DROP COLUMN blocked_by")  # a field added later
         connection.execute("PRAGMA user_version = 1")
     upgraded = open_store()
     assert everything(upgraded) == saved
@@ -2936,13 +2938,14 @@ def test_after_a_failed_commit_the_next_one_saves_what_was_missed(open_store):
 
 
 @contextlib.contextmanager
-def sqlite_refuses(data_file, event):
-    """Make SQLite itself refuse every row change of that kind (UPDATE, DELETE), as a full
-    disk would, until the block ends."""
+def sqlite_refuses(data_file, event, when="true"):
+    """Make SQLite itself refuse every row change of that kind (UPDATE, DELETE), or those
+    of the rows `when` picks, as a full disk would, until the block ends."""
     def run(sql):
         with contextlib.closing(sqlite3.connect(data_file)) as connection, connection:
             connection.execute(sql)
-    run(f"CREATE TRIGGER refuse BEFORE {event} ON tasks BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    run(f"CREATE TRIGGER refuse BEFORE {event} ON tasks WHEN {when} "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END")
     try:
         yield
     finally:
@@ -2979,6 +2982,21 @@ def test_a_batch_of_several_statements_that_sqlite_refuses_is_undone_whole(open_
     store.close()
     reopened = open_store()
     assert reopened.get(dependent.id).status == "cancelled" and len(reopened) == 2
+
+
+def test_a_batch_of_deletions_that_sqlite_refuses_midway_is_undone_whole(open_store,
+                                                                          data_file):
+    # One statement, but a set of parameters per row: still all or none.
+    store = open_store()
+    doomed = [store.create({"work_directory": "/r", "prompt": f"p{n}", "tags": ["doomed"]})[0]
+              for n in range(4)]
+    with (sqlite_refuses(data_file, "DELETE", when=f"old.number = {doomed[2].number}"),
+          pytest.raises(orchestrator.StorageError)):
+        store.bulk({"action": "delete", "filter": {"tag": "doomed"}})
+    assert [status_on_disk(data_file, task.id) for task in doomed] == ["waiting"] * 4
+    store.create({"work_directory": "/r", "prompt": "next"})
+    store.close()
+    assert [task.prompt for task in open_store().list()["tasks"]] == ["next"]
 
 
 def test_the_server_says_where_its_tasks_are_kept(data_file):
