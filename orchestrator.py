@@ -1555,7 +1555,7 @@ class _Journal:
         names = [column.name for column in self._columns]
         selected = ", ".join(f'"{name}"' for name in names)
         with _collector_paused():
-            # The number is the table's key: SQLite reads the rows in its order, unsorted.
+            # The number is the table's key: SQLite reads the rows in that order, sorting nothing.
             rows = self._connection.execute(
                 f"SELECT {selected} FROM tasks ORDER BY number").fetchall()
             tasks = [dict(zip(names, row)) for row in rows]
