@@ -1486,16 +1486,16 @@ def _decode_column(tasks: list[dict], name: str, decode: Callable[[object], obje
 class _Journal:
     """The store's tasks in a SQLite file, written through as whole rows by one thread.
 
-    The store calls record() under its own lock, which only queues the changed
-    rows and hands back a ticket, and wait(ticket) once it has released the
-    lock. The writer commits everything queued by then in one transaction, so
+    The store calls record() under its own lock, which only takes the changed
+    tasks' column values and hands back a ticket, and wait(ticket) once it has
+    released the lock. The writer commits everything queued by then in one transaction, so
     changes made at the same time share one sync to disk. A batch that fails
     fails its waiters and is written again with the next one.
 
         journal = _Journal("tasks.db")
         rows, counters = journal.load()
         with lock:
-            ticket = journal.record([copy.copy(task)], [], {"retries_total": 3})
+            ticket = journal.record([task], [], {"retries_total": 3})
         journal.wait(ticket)  # StorageError if the change could not be saved
         journal.close()
     """
@@ -1510,8 +1510,10 @@ class _Journal:
         #: By how many rows they write: [n] writes n rows.
         self._upserts = [""] + [_upsert_statement(self._columns, n)
                                 for n in range(1, _UPSERT_ROWS + 1)]
-        #: Every column's value in one C call; then only the encoded columns need work.
+        #: Every column's value in one C call, a snapshot of the row; then only the
+        #: encoded columns need work.
         self._values = operator.attrgetter(*(column.attribute for column in self._columns))
+        self._number = [column.name for column in self._columns].index("number")
         self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
                          if column.encode is not None]
         self._counters_on_disk: dict[str, int] = {}  # the writer's: skip rewriting the same
@@ -1523,10 +1525,10 @@ class _Journal:
             raise
         #: Appended by record() under the store's lock, which orders the tickets and the
         #: queue alike, so its order is the store's; only the writer pops from it.
-        self._queue: deque[tuple[int, list, list[int], dict]] = deque()
+        self._queue: deque[tuple[int, list[tuple], list[int], dict]] = deque()
         self._tickets = 0  # the last ticket handed out; guarded by the store's lock
         # The writer's own: what it took from the queue and has not committed yet.
-        self._unsaved: dict[int, Task | None] = {}  # number -> its latest row; None once deleted
+        self._unsaved: dict[int, tuple | None] = {}  # number -> its latest row; None once deleted
         self._unsaved_counters: dict[str, int] = {}
         self._taken = 0  # the last ticket taken from the queue
         #: The journal's own lock (never the store's); it guards the attributes below.
@@ -1565,15 +1567,19 @@ class _Journal:
         counters = dict(self._connection.execute("SELECT name, value FROM meta").fetchall())
         return tasks, counters
 
-    def record(self, tasks: list, deleted: list[int], counters: dict[str, int]) -> int:
-        """Queue the store's changed rows, the numbers of deleted tasks, and counters; return
+    def record(self, tasks: list[Task], deleted: list[int], counters: dict[str, int]) -> int:
+        """Queue the changed tasks' rows, the numbers of deleted tasks, and counters; return
         the ticket to wait on.
 
-        Call it under the store's lock, with objects the store will not change
-        again. It does no I/O and takes no lock, so it cannot stall the store.
+        Call it under the store's lock. It takes each task's column values at
+        once, so the store may change the task again as soon as the lock is
+        released. It does no I/O and takes no lock, so it cannot stall the store.
         """
         self._tickets += 1
-        self._queue.append((self._tickets, tasks, deleted, counters))
+        # The store replaces a task's lists and dicts, never changes them in place, so
+        # the values as they are now are a true snapshot of the row.
+        rows = [self._values(task) for task in tasks]
+        self._queue.append((self._tickets, rows, deleted, counters))
         return self._tickets
 
     @property
@@ -1665,9 +1671,9 @@ class _Journal:
         """Move everything queued into the unsaved changes; the latest change to a row wins."""
         # As many as there are now: under a steady stream of changes the batch still ends.
         for _ in range(len(self._queue)):
-            ticket, tasks, deleted, counters = self._queue.popleft()
-            for task in tasks:
-                self._unsaved[task.number] = task
+            ticket, rows, deleted, counters = self._queue.popleft()
+            for row in rows:
+                self._unsaved[row[self._number]] = row
             for number in deleted:
                 self._unsaved[number] = None
             self._unsaved_counters.update(counters)
@@ -1675,8 +1681,8 @@ class _Journal:
 
     def _commit(self) -> None:
         """Write the unsaved changes in one transaction; on any error roll it back and raise."""
-        rows = [self._row(task) for task in self._unsaved.values() if task is not None]
-        deleted = [(number,) for number, task in self._unsaved.items() if task is None]
+        rows = [self._encoded_row(row) for row in self._unsaved.values() if row is not None]
+        deleted = [(number,) for number, row in self._unsaved.items() if row is None]
         counters = [(name, value) for name, value in self._unsaved_counters.items()
                     if self._counters_on_disk.get(name) != value]
         # Each statement with its sets of parameters. Up to _UPSERT_ROWS rows in one
@@ -1693,9 +1699,9 @@ class _Journal:
         self._counters_on_disk.update(counters)
         self.commits += 1
 
-    def _row(self, task: Task) -> list:
-        """A task's column values, JSON-encoded where the column holds JSON."""
-        values = list(self._values(task))
+    def _encoded_row(self, row: tuple) -> list:
+        """A row's column values, JSON-encoded where the column holds JSON."""
+        values = list(row)
         for index, encode in self._encoded:
             if values[index] is not None:
                 values[index] = encode(values[index])
@@ -2371,10 +2377,7 @@ class TaskStore:
                 deleted.append(number)
             else:
                 task.version += 1
-                # The store replaces a task's lists and dicts, never changes them in
-                # place, so a shallow copy is a true snapshot; the writer thread
-                # encodes it after the lock is released.
-                tasks.append(copy.copy(task))
+                tasks.append(task)
         self._changed = {}
         # Not the sequence: every number and queue place still in use is in a row, and a
         # restart goes on above the highest (_restore). One that no row holds any more

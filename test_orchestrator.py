@@ -3052,6 +3052,18 @@ def test_an_older_version_of_a_row_never_overwrites_a_newer_one(data_file):
     assert [(row["prompt"], row["version"]) for row in rows] == [("newer", 5)]
 
 
+def test_a_task_changed_after_it_was_recorded_is_saved_as_recorded(data_file):
+    journal = orchestrator._Journal(data_file)
+    task = journal_task(1, prompt="as recorded")
+    with threading.Lock():
+        ticket = journal.record([task], [], {})
+    task.prompt, task.version = "changed later", 2  # as the store may, once its lock is free
+    journal.wait(ticket)
+    rows, _ = journal.load()
+    journal.close()
+    assert [(row["prompt"], row["version"]) for row in rows] == [("as recorded", 1)]
+
+
 def test_changes_queued_together_share_one_commit(data_file):
     journal = orchestrator._Journal(data_file)
     tickets = [journal.record([journal_task(n)], [], {}) for n in range(8)]
