@@ -1488,9 +1488,9 @@ class _Journal:
 
     The store calls record() under its own lock, which only takes the changed
     tasks' column values and hands back a ticket, and wait(ticket) once it has
-    released the lock. The writer commits everything queued by then in one transaction, so
-    changes made at the same time share one sync to disk. A batch that fails
-    fails its waiters and is written again with the next one.
+    released the lock. The writer commits everything queued by then in one
+    transaction, so changes made at the same time share one sync to disk. A
+    batch that fails fails its waiters and is written again with the next one.
 
         journal = _Journal("tasks.db")
         rows, counters = journal.load()
@@ -1513,7 +1513,7 @@ class _Journal:
         #: Every column's value in one C call, a snapshot of the row; then only the
         #: encoded columns need work.
         self._values = operator.attrgetter(*(column.attribute for column in self._columns))
-        self._number = [column.name for column in self._columns].index("number")
+        self._number = [column.name for column in self._columns].index("number")  #: a row's key
         self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
                          if column.encode is not None]
         self._counters_on_disk: dict[str, int] = {}  # the writer's: skip rewriting the same
