@@ -1311,10 +1311,15 @@ def _queue_seq(entry: tuple) -> int:
     return entry[1]
 
 
+def _column_list(columns: tuple[_Column, ...]) -> str:
+    """The columns' names, quoted, for an INSERT's or a SELECT's list."""
+    return ", ".join(f'"{column.name}"' for column in columns)
+
+
 def _upsert_statement(columns: tuple[_Column, ...], rows: int) -> str:
     """The statement that writes whole rows, each unless the table holds that version or a
     newer one."""
-    names = ", ".join(f'"{column.name}"' for column in columns)
+    names = _column_list(columns)
     marks = ", ".join(["(" + ", ".join("?" * len(columns)) + ")"] * rows)
     updates = ", ".join(f'"{column.name}" = excluded."{column.name}"'
                         for column in columns if column.name != "number")
@@ -1443,7 +1448,7 @@ def _migrate(connection: sqlite3.Connection, columns: tuple[_Column, ...]) -> No
     if _scalar(connection, "PRAGMA user_version") == 1:
         # Version 1 keyed the rows by id. A table's key cannot be altered: copy the rows
         # into a table keyed by number, in this same transaction.
-        names = ", ".join(f'"{column.name}"' for column in columns)
+        names = _column_list(columns)
         connection.execute(f"CREATE TABLE tasks_by_number ({declarations})")
         connection.execute(f"INSERT INTO tasks_by_number ({names}) SELECT {names} FROM tasks")
         connection.execute("DROP TABLE tasks")
