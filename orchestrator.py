@@ -1560,7 +1560,7 @@ class _Journal:
         Call it before the first record(): it reads on the writer's connection.
         """
         names = [column.name for column in self._columns]
-        selected = ", ".join(f'"{name}"' for name in names)
+        selected = _column_list(self._columns)
         with _collector_paused():
             # The number is the table's key: SQLite reads the rows in that order, sorting nothing.
             rows = self._connection.execute(
