@@ -1587,9 +1587,17 @@ class _Journal:
         self._queue.append((self._tickets, rows, deleted, counters))
         return self._tickets
 
-    @property
-    def last_ticket(self) -> int:
-        """The ticket of the latest record(); read it under the store's lock."""
+    def latest_ticket(self) -> int:
+        """The ticket for an operation that changed nothing: the latest record()'s.
+
+        Call it under the store's lock. When that ticket's batch failed, it
+        records nothing and hands out the new ticket: the writer then tries the
+        failed changes again, so that reads answer again once the disk has room
+        rather than after the next change. (_failed is read without the guard: a
+        failure that lands just now fails this caller, and the next one retries.)
+        """
+        if self._failed and self._failed == self._tickets:  # the latest batch failed
+            return self.record([], [], {})
         return self._tickets
 
     def wait(self, ticket: int) -> None:
@@ -1850,9 +1858,11 @@ class _Transaction:
     Entering gives (now, events). Before the lock is released, what the
     operation changed is queued for the data file; once it is released, the
     operation waits until that is on disk, so that an answer never shows a
-    change the disk has not got (StorageError when it cannot be saved). Then the
-    events are logged. A class, not a @contextmanager generator: every operation
-    goes through here, and the generator cost a microsecond more each time.
+    change the disk has not got (StorageError when it cannot be saved). A
+    refusal waits too: its 404 or 409 shows the store as it is, a deletion not
+    yet committed included. Then the events are logged. A class, not a
+    @contextmanager generator: every operation goes through here, and the
+    generator cost a microsecond more each time.
     """
 
     __slots__ = ("store", "events")
@@ -1867,21 +1877,20 @@ class _Transaction:
         try:
             now = self.store._clock()
             self.store._settle(now, self.events)
-        except BaseException as error:
-            self.__exit__(type(error))
+        except BaseException:
+            self.__exit__()
             raise
         return now, self.events
 
-    def __exit__(self, refused: type[BaseException] | None, *_: object) -> None:
-        """Queue the changes and let the lock go; unless the operation was refused (it
-        raised), wait for the disk. Then log the events."""
+    def __exit__(self, *_: object) -> None:
+        """Queue the changes, let the lock go and wait for the disk; then log the events."""
         store = self.store
         try:
             try:
                 ticket = store._journal_ticket()
             finally:
                 store._lock.release()
-            if ticket is not None and refused is None:
+            if ticket is not None:
                 store._journal.wait(ticket)
         finally:
             _log_events(self.events)
@@ -2089,23 +2098,32 @@ class TaskStore:
     def _claim(self, query: dict, view: Callable[[Task], _View]) -> _View | None:
         """claim(), its arguments already checked against CLAIM_QUERY (the REST route's are)."""
         lease_token = _new_lease_token()
-        with self._transaction() as (now, events):
-            task = self._pop_queue(query["work_path"])
-            if task is None and query["wait"] and self._waiters < self.max_waiters:
-                task, now = self._wait_until(lambda now: self._pop_queue(query["work_path"]),
-                                             query["wait"], events)
-            self._note_worker(query["worker_id"], now)
-            if task is None:
-                return None
-            task.worker_id = query["worker_id"]  # before the status: the holder is indexed too
-            self._set_status(task, WORKING, now)
-            task.lease_token, task.token_started_at = lease_token, now
-            task.started_at = now
-            self._lease(task, now)
-            self._claimed_total += 1
-            self._wait_seconds.observe(now - task.created_at)
-            events.append(_event("claimed", task))
-            return view(task)
+        task = None
+        try:
+            with self._transaction() as (now, events):
+                task = self._pop_queue(query["work_path"])
+                if task is None and query["wait"] and self._waiters < self.max_waiters:
+                    task, now = self._wait_until(lambda now: self._pop_queue(query["work_path"]),
+                                                 query["wait"], events)
+                self._note_worker(query["worker_id"], now)
+                if task is None:
+                    return None
+                task.worker_id = query["worker_id"]  # before the status: the holder is indexed too
+                self._set_status(task, WORKING, now)
+                task.lease_token, task.token_started_at = lease_token, now
+                task.started_at = now
+                self._lease(task, now)
+                self._claimed_total += 1
+                self._wait_seconds.observe(now - task.created_at)
+                events.append(_event("claimed", task))
+                return view(task)
+        except StorageError:
+            # Not on disk, and its lease token reached no one: held, the task would wait
+            # out its lease. Handed back, it is first in line again, no retry used.
+            if task is not None:
+                with contextlib.suppress(OrchestratorError):  # the disk may still be full
+                    self.release(task.id, {"lease_token": lease_token})
+            raise
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
@@ -2375,7 +2393,7 @@ class TaskStore:
         if self._journal is None:
             return None
         if not self._changed:
-            return self._journal.last_ticket
+            return self._journal.latest_ticket()
         tasks, deleted = [], []
         for number, task in self._changed.items():
             if task is None:
@@ -4046,6 +4064,11 @@ def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
     return {"task": _claim_task(store, arguments)}
 
 
+def _read_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """get_task: the REST read, with no wait (wait_for_task is the one that waits)."""
+    return _get_task(store, {"wait": 0}, arguments["task_id"])
+
+
 def _with_task_id(name: str, body: Schema | None = None) -> Schema:
     """A tool's arguments: the task id, then the fields of the REST body (if any)."""
     if body is None:
@@ -4098,7 +4121,7 @@ _TOOLS = {tool.name: tool for tool in (
           _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _through_rest(_retry_task),
           _ADDITIVE),
     _Tool("get_task", "Get a task", "Read one task by id.",
-          _with_task_id("get_task"), _TASK_SCHEMA, _through_rest(_get_task),
+          _with_task_id("get_task"), _TASK_SCHEMA, _read_by_tool,
           _READ_ONLY),
     _Tool("wait_for_task", "Wait for a task to finish",
           "Wait up to `wait` seconds (at most 20) for a task to be completed, failed or "

@@ -2917,16 +2917,76 @@ def test_a_failed_commit_answers_503_and_acknowledges_nothing(open_store, clock,
     assert reopened.get(kept["data"]["id"]).prompt == "kept"
 
 
-def test_a_refused_operation_answers_its_own_error_whatever_the_disk(open_store):
-    # Nothing was changed: a 404 or a 409 does not wait for the data file, nor take its error.
+def test_a_refusal_while_changes_cannot_be_saved_answers_503_not_what_it_saw(open_store):
+    # A 404 or a 409 shows the store as it is: here, a deletion the disk has not got.
     store = open_store()
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     with failing_commits(store):
-        store._journal.record([], [], {"sequence": 99})  # something waiting to be written
-        with pytest.raises(orchestrator.NotFound):
-            store.get("0f8fad5b-d9cb-469f-a165-70867728950e")
-        with pytest.raises(orchestrator.Conflict):
+        with pytest.raises(orchestrator.StorageError):
+            store.delete(task.id)
+        with pytest.raises(orchestrator.StorageError):
+            store.get(task.id)  # not NotFound: a crash now would bring the task back
+        with pytest.raises(orchestrator.StorageError):
             store.complete(task.id, {"worker_id": "w"})
+        with pytest.raises(orchestrator.ValidationError):
+            store.create({"prompt": "a bad body shows nothing of the store"})
+    with pytest.raises(orchestrator.NotFound):
+        store.get(task.id)
+
+
+@contextlib.contextmanager
+def held_commits(store):
+    """Commits to the store's data file wait until the block ends, as on a slow disk."""
+    journal = store._journal
+    commit, go = journal._commit, threading.Event()
+
+    def slow_commit():
+        go.wait(10)
+        commit()
+    journal._commit = slow_commit
+    try:
+        yield
+    finally:
+        go.set()
+        del journal._commit
+
+
+def test_a_refusal_is_answered_only_once_what_it_shows_is_on_disk(open_store):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    with held_commits(store):
+        deleting = Background(store.delete, task.id)
+        deleting.start()
+        wait_until(lambda: task.id not in store._tasks)  # deleted, not yet committed
+        reading = Background(store.get, task.id)
+        reading.start()
+        reading.join(0.3)
+        assert reading.is_alive()  # a 404 now would be taken back by a crash
+    deleting.finish()
+    reading.join(10)
+    assert isinstance(reading.error, orchestrator.NotFound)
+
+
+def test_once_the_disk_has_room_a_read_saves_what_was_missed_and_answers(open_store):
+    store = open_store()
+    with failing_commits(store), pytest.raises(orchestrator.StorageError):
+        store.create({"work_directory": "/r", "prompt": "saved by the next read"})
+    assert store.statistics()["total_tasks"] == 1  # no write needed to get going again
+    store.close()
+    assert [task.prompt for task in open_store().list()["tasks"]] == ["saved by the next read"]
+
+
+def test_a_claim_that_could_not_be_saved_goes_back_first_in_line(open_store):
+    # Its lease token reached no one: held, the task would wait out its lease.
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "first"})
+    store.create({"work_directory": "/r", "prompt": "second"})
+    with failing_commits(store), pytest.raises(orchestrator.StorageError):
+        store.claim("/r", "w")
+    again = store.claim("/r", "w2")
+    assert (again.id, again.retry_count) == (task.id, 0)
+    store.close()
+    assert open_store().get(task.id).worker_id == "w2"
 
 
 def test_after_a_failed_commit_the_next_one_saves_what_was_missed(open_store):
@@ -2962,11 +3022,11 @@ def test_a_one_statement_batch_that_sqlite_refuses_is_saved_by_the_next(open_sto
     store = open_store()
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     with sqlite_refuses(data_file, "UPDATE"), pytest.raises(orchestrator.StorageError):
-        store.claim("/r", "w")  # the batch is the claimed row alone
+        store.cancel(task.id)  # the batch is the cancelled row alone
     assert status_on_disk(data_file, task.id) == "waiting"
     store.create({"work_directory": "/r", "prompt": "next"})
     store.close()
-    assert open_store().get(task.id).status == "working"
+    assert open_store().get(task.id).status == "cancelled"
 
 
 def test_a_batch_of_several_statements_that_sqlite_refuses_is_undone_whole(open_store,
@@ -3972,6 +4032,11 @@ def test_list_directories_tool_shows_what_rest_shows(client, call_tool, make_tas
     listed = call_tool("list_directories")["structuredContent"]
     assert listed == client.get("/api/v1/directories").json["data"]
     assert listed["directories"][0]["counts"]["waiting"] == 1
+
+
+def test_get_task_reads_a_task_that_has_not_finished(call_tool, store):
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    assert call_tool("get_task", {"task_id": task.id})["structuredContent"]["status"] == "waiting"
 
 
 def test_wait_for_task_says_plainly_whether_the_task_finished(call_tool, store):
