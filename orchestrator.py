@@ -198,6 +198,15 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _api_key_text(raw: str) -> str:
+    """An API key a client can send: an Authorization header is read as Latin-1 and
+    stripped, so a key with spaces at its ends, or beyond ASCII, could never match."""
+    if not re.fullmatch(r"[!-~]+", raw):
+        raise ValueError("printable ASCII without spaces (it travels in the Authorization "
+                         "header)")
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     """A comma-separated list of origins such as https://app.example:8443."""
     origins = tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -286,7 +295,7 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("APP_DATA_FILE", "data_file", _text),
     ("APP_DATA_SYNC", "data_sync", _choice("full", "normal")),
     ("APP_SECURITY_RATE_LIMIT", "rate_limit", _integer(0, 1_000_000)),
-    ("APP_SECURITY_API_KEY", "api_key", _text),
+    ("APP_SECURITY_API_KEY", "api_key", _api_key_text),
     ("APP_SECURITY_ALLOWED_ORIGINS", "allowed_origins", _origins),
     ("APP_SECURITY_ALLOWED_HOSTS", "allowed_hosts", _hosts),
     ("APP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
@@ -4879,12 +4888,20 @@ def _connection_flags(parser: argparse.ArgumentParser,
                         default=os.environ.get("ORCHESTRATOR_URL") or _DEFAULT_URL,
                         help=url_help + " ($ORCHESTRATOR_URL when set, as the worker gives "
                                         "its agents)")
-    parser.add_argument("--token", help="API key (default: $APP_SECURITY_API_KEY)")
+    parser.add_argument("--token", type=_flag(_api_key_text),
+                        help="API key (default: $APP_SECURITY_API_KEY)")
 
 
-def _api_key(flag: str | None) -> str | None:
-    """--token, else APP_SECURITY_API_KEY; read here, so that --help never shows it."""
-    return flag if flag is not None else os.environ.get("APP_SECURITY_API_KEY")
+def _api_key(parser: argparse.ArgumentParser, flag: str | None) -> str | None:
+    """--token, else APP_SECURITY_API_KEY, read here so that --help never shows it (a
+    usage error, exit 2, when it is no key a header can carry)."""
+    if flag is not None:
+        return flag  # checked as the flags were parsed
+    raw = os.environ.get("APP_SECURITY_API_KEY") or None  # empty counts as unset
+    try:
+        return None if raw is None else _parse_setting("APP_SECURITY_API_KEY", _api_key_text, raw)
+    except ConfigError as error:
+        parser.error(str(error))
 
 
 def _http_exchange(method: str, url: str, body: bytes | None, headers: dict[str, str],
@@ -4968,7 +4985,7 @@ def _main_client(name: str, argv: list[str]) -> int:
     command.flags(parser)
     args = parser.parse_args(argv)
     try:
-        data = command.run(_ApiClient(args.url, _api_key(args.token)), args)
+        data = command.run(_ApiClient(args.url, _api_key(parser, args.token)), args)
     except _CommandFailed as failure:
         print(f"{_program()} {name}: {failure}", file=sys.stderr)
         return failure.status
@@ -5303,7 +5320,7 @@ def _main_mcp_stdio(argv: list[str]) -> int:
     _connection_flags(parser, url_help="the orchestrator, or its /mcp address")
     args = parser.parse_args(argv)
     _configure_logging(Config(log_level="warning"))
-    relay = _StdioRelay(_mcp_address(args.url), _api_key(args.token))
+    relay = _StdioRelay(_mcp_address(args.url), _api_key(parser, args.token))
     for line in sys.stdin:
         if line.strip():
             reply = relay.forward(line.strip())
@@ -5452,7 +5469,7 @@ def _main_work(argv: list[str]) -> int:
         command=command, wait=args.wait, once=args.once, max_output=args.max_output,
         max_failures=args.max_failures, grace=args.grace, quiet=args.quiet,
     )
-    return _Worker(_ApiClient(args.url, _api_key(args.token)), settings).run()
+    return _Worker(_ApiClient(args.url, _api_key(parser, args.token)), settings).run()
 
 
 def _default_worker_id() -> str:

@@ -2372,6 +2372,10 @@ def test_config_from_an_empty_mapping_ignores_the_environment(monkeypatch):
     ("APP_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
     ("APP_LOG_FORMAT", "xml", "one of pretty, json"),
     ("APP_SECURITY_ALLOWED_ORIGINS", "not-an-origin", "comma-separated origins"),
+    # Keys no client could send: the header is stripped, and read as Latin-1.
+    ("APP_SECURITY_API_KEY", "abc ", "printable ASCII"),
+    ("APP_SECURITY_API_KEY", "密钥", "printable ASCII"),
+    ("APP_SECURITY_API_KEY", "clé", "printable ASCII"),
 ])
 def test_a_bad_setting_names_the_variable_and_what_it_accepts(variable, value, accepts):
     with pytest.raises(ConfigError) as caught:
@@ -4827,6 +4831,17 @@ def cli(live_url, tmp_path):
                                      "COLUMNS": "80", **(env or {})})
         return result.returncode, result.stdout, result.stderr
     return cli
+
+
+@pytest.mark.parametrize("flags, env, named", [
+    (["--token", "密钥"], {}, "--token"),
+    (["--token", "abc "], {}, "--token"),
+    ([], {"APP_SECURITY_API_KEY": "clé"}, "APP_SECURITY_API_KEY"),
+])
+def test_a_key_no_header_can_carry_is_a_usage_error_naming_it(cli, flags, env, named):
+    status, _, err = cli("stats", *flags, env=env)
+    assert status == 2 and named in err and "printable ASCII" in err
+    assert "Traceback" not in err
 
 
 def test_add_takes_the_prompt_from_arguments_and_the_directory_from_here(cli, live_store,
