@@ -2218,8 +2218,11 @@ class TaskStore:
             self._require(task, RETRYABLE, "retry")
             missing = self._missing_dependency(task)
             if missing is not None:
-                raise Conflict(f"task {task.id} depends on task {missing}, which was deleted "
-                               "(or dropped after retention) before it completed; it can never run")
+                # Whether it completed before it went is not kept: a task that never ran
+                # could wait for it forever.
+                raise Conflict(f"task {task.id} depends on task {missing}, which is gone "
+                               "(deleted, or dropped after retention); a task that has not run "
+                               "cannot be retried without its dependencies")
             self._retry(task, now, events)
             return task.snapshot()
 
@@ -2620,7 +2623,7 @@ class TaskStore:
         return unfinished
 
     def _missing_dependency(self, task: Task) -> str | None:
-        """A dependency that went before it completed, if any: the task can never run."""
+        """A dependency the store no longer has, if the task has not run: it cannot be retried."""
         if _has_run(task):
             return None
         return next((task_id for task_id in task.depends_on if task_id not in self._tasks), None)
@@ -3458,6 +3461,8 @@ def _query_pairs() -> Iterator[tuple[str, str]]:
             name = name.decode("utf-8")
         except UnicodeDecodeError:
             raise ValidationError("query parameter names must be valid UTF-8") from None
+        if not name:
+            raise ValidationError("query parameter names must not be empty")
         try:
             yield name, value.decode("utf-8")
         except UnicodeDecodeError:
@@ -3496,9 +3501,9 @@ def _check_query(schema: Schema) -> dict:
     """
     query: dict[str, object] = {}
     for name, value in _query_pairs():
-        if name in query:
-            raise _invalid(name, "must be given at most once")
         declared = schema.field(name)
+        if name in query and declared is not None:  # an unknown one is refused as such below
+            raise _invalid(name, "must be given at most once")
         if declared is not None and declared.type == "integer":
             # Python refuses to parse more than 4300 digits; far past any bound anyway.
             if not _INTEGER_TEXT.fullmatch(value):
@@ -4226,8 +4231,9 @@ def _check_modern_request(message: dict) -> None:
     for header, body_value in mirrored:
         sent = _decode_header(_header(header))
         if sent != body_value:
-            raise _RpcError(_HEADER_MISMATCH, f"Header mismatch: {header} header value {sent!r} "
-                            f"does not match body value {body_value!r}", status=400)
+            raise _RpcError(_HEADER_MISMATCH, f"Header mismatch: {header} header value "
+                            f"{json.dumps(sent)} does not match body value "
+                            f"{json.dumps(body_value)}", status=400)
     if meta[_VERSION_KEY] != _MCP_MODERN_VERSION:
         raise _RpcError(_UNSUPPORTED_VERSION, "Unsupported protocol version", status=400,
                         data={"supported": list(_MCP_VERSIONS), "requested": meta[_VERSION_KEY]})
@@ -4280,9 +4286,11 @@ def _initialize(params: dict) -> dict:
 def _call_tool(store: TaskStore, gate: _Gate, params: dict, era: _Era) -> dict:
     """tools/call: business errors become tool results the model can read and act on."""
     name = params.get("name")
-    tool = _TOOLS.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise _RpcError(_INVALID_PARAMS, "params.name must be a string: the tool's name")
+    tool = _TOOLS.get(name)
     if tool is None:
-        raise _RpcError(_INVALID_PARAMS, f"Unknown tool: {_shorten(str(name))}")
+        raise _RpcError(_INVALID_PARAMS, f"Unknown tool: {_shorten(name)}")
     arguments = params.get("arguments")
     if arguments is None:
         arguments = {}

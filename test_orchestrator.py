@@ -543,6 +543,16 @@ def test_a_query_name_that_is_not_utf8_is_a_400(client):
     assert "UTF-8" in res.json["error"]["message"]
 
 
+def test_a_query_parameter_without_a_name_is_a_400_saying_so(client):
+    res = client.get("/api/v1/tasks?=1", status=400)
+    assert res.json["error"]["message"] == "query parameter names must not be empty"
+
+
+def test_an_unknown_query_parameter_given_twice_is_refused_as_unknown(client):
+    res = client.get("/api/v1/tasks?colour=red&colour=red", status=400)
+    assert res.json["error"]["message"].startswith("unknown fields: colour; allowed: ")
+
+
 def test_a_percent_encoded_utf8_query_value_is_decoded(client, make_task):
     make_task(work_directory="/caf\u00e9")
     task = client.get("/api/v1/tasks/next?work_path=/caf%C3%A9&worker_id=w").json["data"]
@@ -935,9 +945,24 @@ def test_retrying_a_task_whose_dependency_was_deleted_conflicts(store):
     a = make(store, "a")
     b = make(store, "b", a)
     store.delete(a.id)
-    with pytest.raises(Conflict, match=f"depends on task {a.id}, which was deleted"):
+    with pytest.raises(Conflict, match=f"depends on task {a.id}, which is gone"):
         store.retry(b.id)
     assert store.get(b.id).status == "cancelled"
+
+
+def test_the_retry_refused_for_a_gone_dependency_claims_nothing_of_its_past(store):
+    # Here it had completed: the message must not say it went before it completed.
+    a = make(store, "a")
+    b = make(store, "b", a)
+    finish(store, a, "complete")
+    store.delete(a.id)
+    store.cancel(b.id)
+    with pytest.raises(Conflict) as refused:
+        store.retry(b.id)
+    assert "before it completed" not in str(refused.value)
+    assert str(refused.value) == (
+        f"task {b.id} depends on task {a.id}, which is gone (deleted, or dropped after "
+        "retention); a task that has not run cannot be retried without its dependencies")
 
 
 def test_a_retry_adds_no_backoff_even_to_a_task_cancelled_during_one(clock):
@@ -3923,6 +3948,21 @@ def test_an_unknown_method_is_32601_with_the_eras_status(rpc, method, version, s
 def test_an_unknown_tool_is_32602(rpc, version, status):
     res = rpc("tools/call", {"name": "make_coffee"}, version=version, status=status)
     assert res.json["error"]["code"] == -32602 and "make_coffee" in res.json["error"]["message"]
+
+
+@pytest.mark.parametrize("name", [None, 7])
+def test_a_tool_call_without_a_name_says_so_not_a_python_repr(rpc, name):
+    params = {} if name is None else {"name": name}
+    res = rpc("tools/call", params, version="2025-11-25")
+    assert res.json["error"]["code"] == -32602
+    assert res.json["error"]["message"] == "params.name must be a string: the tool's name"
+
+
+def test_a_header_mismatch_shows_both_values_as_json(rpc):
+    res = rpc("tools/call", {"name": "get_statistics", "arguments": {}}, version=MODERN,
+              headers={"Mcp-Name": None}, status=400)
+    assert res.json["error"]["message"] == (
+        'Header mismatch: Mcp-Name header value null does not match body value "get_statistics"')
 
 
 @pytest.mark.parametrize("raw, code", [
