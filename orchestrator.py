@@ -4386,7 +4386,7 @@ def _openapi_document() -> dict:
         "responses": {
             "200": {"description": "One HTML document with its script and style inline.",
                     "content": {"text/html": {"schema": {"type": "string"}}}},
-            **_error_responses([403, 405, 500]),
+            **_error_responses([400, 403, 405, 413, 500]),
         },
     }}
     paths["/metrics"] = {"get": {
@@ -4399,7 +4399,7 @@ def _openapi_document() -> dict:
             "200": {"description": "The Prometheus text exposition format, version 0.0.4.",
                     "content": {"text/plain; version=0.0.4; charset=utf-8": {
                         "schema": {"type": "string"}}}},
-            **_error_responses([401, 403, 405, 429, 500]),
+            **_error_responses([400, 401, 403, 405, 413, 429, 500]),
         },
     }}
     paths["/openapi.json"] = {"get": {

@@ -4464,6 +4464,13 @@ def operations(document):
     return {(method.upper(), path) for path, item in document["paths"].items() for method in item}
 
 
+@pytest.mark.parametrize("path", ["/", "/metrics", "/openapi.json", "/health"])
+def test_a_get_with_a_body_too_large_answers_a_documented_status(client, document, path):
+    res = client.get(path, headers={"Content-Length": "2000000"}, expect_errors=True)
+    assert res.status_int == 413
+    assert "413" in document["paths"][path]["get"]["responses"]
+
+
 def test_the_document_is_openapi_3_1_in_shape(document):
     assert document["openapi"] == "3.1.0"
     assert document["info"]["title"] == "Simple Task Orchestrator"
