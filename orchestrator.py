@@ -1205,11 +1205,18 @@ def _quote(value: object) -> str:
 #: values reach the log, so these are always escaped: one event, one line of text.
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+#: The same but for line breaks and tabs, for what the command line prints.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape_controls(text: str) -> str:
     """The text with every control character written as a \\uXXXX escape."""
-    return _CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return _CONTROLS.sub(_escaped_control, text)
+
+
+def _escaped_control(match: re.Match) -> str:
+    """A control character matched, as a \\uXXXX escape."""
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _configure_logging(config: Config) -> None:
@@ -4764,11 +4771,14 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: serve (the default), or a subcommand; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {"mcp-stdio": _main_mcp_stdio, "work": _main_work}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    if argv and argv[0] in _CLIENT_COMMANDS:
-        return _main_client(argv[0], argv[1:])
-    return _main_serve(argv)
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        if argv and argv[0] in _CLIENT_COMMANDS:
+            return _main_client(argv[0], argv[1:])
+        return _main_serve(argv)
+    except KeyboardInterrupt:  # Ctrl-C where nothing handles it itself (wait, mcp-stdio)
+        return 130
 
 
 def _pace_the_collector() -> None:
@@ -4995,10 +5005,37 @@ def _main_client(name: str, argv: list[str]) -> int:
     try:
         data = command.run(_ApiClient(args.url, _api_key(parser, args.token)), args)
     except _CommandFailed as failure:
-        print(f"{_program()} {name}: {failure}", file=sys.stderr)
+        print(_for_terminal(f"{_program()} {name}: {failure}"), file=sys.stderr)
         return failure.status
-    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else command.show(data))
+    print(_for_terminal(json.dumps(data, indent=2, ensure_ascii=False) if args.json
+                        else command.show(data)))
     return 0
+
+
+def _directory(path: str) -> str:
+    """A directory given on the command line, made absolute as the shell shows it.
+
+    A relative path is taken from $PWD when that is where the process runs:
+    through a symbolic link, `pwd` shows the link while the system's idea of the
+    current directory is the real path, and a task added here must match a
+    worker started with --work-path "$PWD".
+    """
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    here = os.environ.get("PWD", "")
+    try:
+        shown = os.path.isabs(here) and os.path.samefile(here, ".")
+    except OSError:  # gone, or not allowed to look
+        shown = False
+    return os.path.normpath(os.path.join(here if shown else os.getcwd(), path))
+
+
+def _for_terminal(text: str) -> str:
+    """Text to print, its control characters escaped as in the logs but for line breaks
+    and tabs: task text must not drive the terminal of whoever reads it (set its title,
+    clear it, forge a line). JSON allows the escapes inside its strings too."""
+    return _TERMINAL_CONTROLS.sub(_escaped_control, text)
 
 
 def _ask(api: _ApiClient, method: str, path: str, body: dict | None = None,
@@ -5028,7 +5065,7 @@ def _each(api: _ApiClient, ids: list[str], action: Callable[[str], object]) -> l
             refused.append(str(failure) if task_id in str(failure) else f"{task_id}: {failure}")
     if refused:
         for answer in done:
-            print(f"{answer['id']}: {answer.get('status', 'deleted')}")
+            print(_for_terminal(f"{answer['id']}: {answer.get('status', 'deleted')}"))
         raise _CommandFailed("\n".join(refused))
     return done
 
@@ -5055,7 +5092,7 @@ def _add(api: _ApiClient, args: argparse.Namespace) -> dict:
     if not prompt:
         raise _CommandFailed("give the prompt as arguments, or on standard input "
                              "(orchestrator add < prompt.md)", status=2)
-    body = {"work_directory": os.path.abspath(os.path.expanduser(args.dir)), "prompt": prompt,
+    body = {"work_directory": _directory(args.dir), "prompt": prompt,
             "tags": args.tag, "depends_on": args.after}
     body.update((name, value) for name, value in (
         ("priority", args.priority), ("max_retries", args.max_retries),
@@ -5077,7 +5114,7 @@ def _ls_flags(parser: argparse.ArgumentParser) -> None:
 def _ls(api: _ApiClient, args: argparse.Namespace) -> dict:
     """A page of tasks, newest first."""
     query = {"status": args.status, "tag": args.tag, "q": args.search, "limit": args.limit,
-             "work_directory": args.dir and os.path.abspath(os.path.expanduser(args.dir))}
+             "work_directory": args.dir and _directory(args.dir)}
     encoded = urllib.parse.urlencode({name: value for name, value in query.items() if value})
     return _ask(api, "GET", f"/api/v1/tasks?{encoded}")
 
@@ -5114,7 +5151,7 @@ def _retry(api: _ApiClient, args: argparse.Namespace) -> object:
             api, "POST", f"/api/v1/tasks/{task_id}/retry", {}))
     task_filter = {"status": FAILED}
     if args.dir is not None:
-        task_filter["work_directory"] = os.path.abspath(os.path.expanduser(args.dir))
+        task_filter["work_directory"] = _directory(args.dir)
     total = {"action": "retry", "changed": 0, "skipped": 0, "more": False}
     while True:  # one bulk call changes at most BULK_LIMIT tasks
         answer = _ask(api, "POST", "/api/v1/tasks/bulk", {"action": "retry", "filter": task_filter})
@@ -5141,7 +5178,8 @@ def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
         if task["status"] == COMPLETED:
             return task
         if task["status"] in FINISHED:
-            raise _CommandFailed(f"{task['id']}: {task['status']}: {task['error_message']}")
+            why = f": {task['error_message']}" if task["error_message"] else ""
+            raise _CommandFailed(f"{task['id']}: {task['status']}{why}")
         if give_up_at is not None and time.monotonic() >= give_up_at:
             raise _CommandFailed(f"{task['id']}: not finished after {args.timeout:g} s "
                                  f"(it is {task['status']})")
@@ -5151,7 +5189,9 @@ def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
 
 def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
     """Rows in aligned columns; the flexible ones, in turn, are cut to fit the output."""
-    cells = [tuple(str(value).replace("\n", " ") for value in row) for row in rows]
+    # Escaped before they are measured: a tab or an escape would upset the columns.
+    cells = [tuple(_escape_controls(str(value).replace("\n", " ")) for value in row)
+             for row in rows]
     widths = [max(map(_width, column)) for column in zip(headers, *cells)]
     columns = _output_columns()
     if columns is not None:
@@ -5463,7 +5503,7 @@ def _main_work(argv: list[str]) -> int:
     if not command:
         parser.error("give the command to run after --, e.g. -- claude -p")
     _configure_logging(Config())
-    work_path = os.path.abspath(os.path.expanduser(args.work_path))
+    work_path = _directory(args.work_path)
     if shutil.which(command[0]) is None:
         logger.error("cannot run %s: no such command, or it is not executable; "
                      "no task was claimed", command[0])
@@ -5576,7 +5616,7 @@ class _Worker:
                     self._work_on(task)
                 if self.settings.once:
                     break
-                if task is None:
+                if task is None and not self._interrupts:
                     # A claim can answer "nothing" at once (--wait 0, or every long-poll
                     # slot taken): pause, so that an idle worker never hammers the server.
                     self._pause(1.0)

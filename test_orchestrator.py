@@ -5021,6 +5021,48 @@ def test_wait_exits_0_when_the_task_completed_and_1_otherwise(cli, live_store):
     assert status == 1 and "not finished after 1 s" in err
 
 
+def test_wait_on_a_task_cancelled_without_a_reason_says_just_that(cli, live_store):
+    task, _ = live_store.create({"work_directory": "/a", "prompt": "p"})
+    live_store.cancel(task.id)
+    assert cli("wait", task.id) == (1, "", f"orchestrator.py wait: {task.id}: cancelled\n")
+
+
+HOSTILE = "hello \x1b]0;PWNED\x07\x1b[2J\x9b31m\rred"
+
+
+@pytest.mark.parametrize("args", [["show", "{id}"], ["ls"], ["show", "--json", "{id}"],
+                                  ["wait", "{id}"]])
+def test_task_text_cannot_drive_the_terminal_of_whoever_reads_it(cli, live_store, args):
+    task, _ = live_store.create({"work_directory": "/a", "prompt": "a\nsecond line",
+                                 "tags": ["t\x1bx"]})
+    live_store.update(task.id, {"prompt": HOSTILE + "\nsecond line"})
+    live_store.cancel(task.id, {"reason": HOSTILE})
+    status, out, err = cli(*(arg.format(id=task.id) for arg in args), env={"COLUMNS": "200"})
+    printed = out + err
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", printed), repr(printed)
+    assert "\\u001b]0;PWNED" in printed  # shown, as an escape
+
+
+def test_add_here_keeps_the_directory_as_the_shell_shows_it(cli, live_store, tmp_path):
+    # Through a symbolic link, `pwd` and a worker's --work-path $PWD say the link.
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(tmp_path)
+    status, out, _ = cli("add", "p", env={"PWD": str(link)})
+    assert status == 0 and live_store.get(out.strip()).work_directory == str(link)
+    status, out, _ = cli("add", "p", env={"PWD": "/"})  # not where it runs: not believed
+    assert status == 0 and live_store.get(out.strip()).work_directory == str(tmp_path)
+
+
+def test_ctrl_c_on_wait_exits_130_without_a_traceback(live_url, live_store, tmp_path, spawn):
+    task, _ = live_store.create({"work_directory": "/a", "prompt": "p"})
+    waiting = spawn([sys.executable, str(MODULE), "wait", task.id, "--url", live_url],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: live_store.waiting_requests == 1)
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=10)
+    assert waiting.returncode == 130 and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, status, says", [
     (["show", "0b7c1d2e-0000-4000-8000-000000000000"], 1, "not found"),
     (["show", "nonsense"], 2, "must be a task id"),
