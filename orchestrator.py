@@ -198,12 +198,17 @@ def _text(raw: str) -> str:
     return raw
 
 
+#: Printable ASCII, spaces inside only: what every client sends alike in a header.
+_API_KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
+
+
 def _api_key_text(raw: str) -> str:
-    """An API key a client can send: an Authorization header is read as Latin-1 and
-    stripped, so a key with spaces at its ends, or beyond ASCII, could never match."""
-    if not re.fullmatch(r"[!-~]+", raw):
-        raise ValueError("printable ASCII without spaces (it travels in the Authorization "
-                         "header)")
+    """An API key every client can send. The server strips the token it reads, so
+    spaces at the ends could never match, nor could a control character; beyond
+    ASCII, clients disagree (curl sends UTF-8, browsers and Python Latin-1)."""
+    if not _API_KEY.fullmatch(raw):
+        raise ValueError("printable ASCII, with no spaces at either end (it travels in the "
+                         "Authorization header)")
     return raw
 
 
@@ -1521,6 +1526,8 @@ class _Journal:
         journal.close()
     """
 
+    RETRY_SECONDS = 1.0  #: how often a read retries a failed batch while nothing else does
+
     def __init__(self, path: str, sync: str = "full") -> None:
         """Open (creating if needed) and lock the file; ConfigError, naming it, if unusable."""
         if sync not in ("full", "normal"):
@@ -1565,6 +1572,7 @@ class _Journal:
         self._closed = False
         self._committed = 0  # every ticket up to this one is on disk
         self._failed = 0  # the last ticket of the last batch that failed
+        self._failed_at = 0.0  # when it failed (time.monotonic())
         self._failure = ""  # why that batch failed
         self._writer = threading.Thread(
             target=self._write, name="orchestrator-journal", daemon=True)
@@ -1606,13 +1614,16 @@ class _Journal:
     def latest_ticket(self) -> int:
         """The ticket for an operation that changed nothing: the latest record()'s.
 
-        Call it under the store's lock. When that ticket's batch failed, it
-        records nothing and hands out the new ticket: the writer then tries the
-        failed changes again, so that reads answer again once the disk has room
-        rather than after the next change. (_failed is read without the guard: a
-        failure that lands just now fails this caller, and the next one retries.)
+        Call it under the store's lock. When that ticket's batch failed (and
+        nothing committed since), at most once per RETRY_SECONDS it records
+        nothing and hands out the new ticket: the writer then tries the failed
+        changes again, so that reads answer again once the disk has room rather
+        than after the next change, and a full disk is not retried for every
+        read. (These are read without the guard: a failure that lands just now
+        fails this caller, and the next one retries.)
         """
-        if self._failed and self._failed == self._tickets:  # the latest batch failed
+        failed_last = self._failed == self._tickets and self._committed < self._failed
+        if failed_last and time.monotonic() - self._failed_at >= self.RETRY_SECONDS:
             return self.record([], [], {})
         return self._tickets
 
@@ -1743,6 +1754,7 @@ class _Journal:
                 self._committed = self._taken
             else:
                 self._failed, self._failure = self._taken, failure
+                self._failed_at = time.monotonic()
             self._this_batch.notify_all()
 
 

@@ -2399,6 +2399,8 @@ def test_config_from_an_empty_mapping_ignores_the_environment(monkeypatch):
     ("APP_SECURITY_ALLOWED_ORIGINS", "not-an-origin", "comma-separated origins"),
     # Keys no client could send: the header is stripped, and read as Latin-1.
     ("APP_SECURITY_API_KEY", "abc ", "printable ASCII"),
+    ("APP_SECURITY_API_KEY", "\tabc", "printable ASCII"),
+    ("APP_SECURITY_API_KEY", "a\x07b", "printable ASCII"),
     ("APP_SECURITY_API_KEY", "密钥", "printable ASCII"),
     ("APP_SECURITY_API_KEY", "clé", "printable ASCII"),
 ])
@@ -2949,6 +2951,7 @@ def test_a_failed_commit_answers_503_and_acknowledges_nothing(open_store, clock,
 def test_a_refusal_while_changes_cannot_be_saved_answers_503_not_what_it_saw(open_store):
     # A 404 or a 409 shows the store as it is: here, a deletion the disk has not got.
     store = open_store()
+    store._journal.RETRY_SECONDS = 0  # each read tries the deletion again
     task, _ = store.create({"work_directory": "/r", "prompt": "p"})
     with failing_commits(store):
         with pytest.raises(orchestrator.StorageError):
@@ -2998,11 +3001,34 @@ def test_a_refusal_is_answered_only_once_what_it_shows_is_on_disk(open_store):
 
 def test_once_the_disk_has_room_a_read_saves_what_was_missed_and_answers(open_store):
     store = open_store()
+    store._journal.RETRY_SECONDS = 0  # not a second after the failure: at once
     with failing_commits(store), pytest.raises(orchestrator.StorageError):
         store.create({"work_directory": "/r", "prompt": "saved by the next read"})
     assert store.statistics()["total_tasks"] == 1  # no write needed to get going again
     store.close()
     assert [task.prompt for task in open_store().list()["tasks"]] == ["saved by the next read"]
+
+
+def test_while_the_disk_stays_full_reads_retry_at_most_once_a_retry_interval(open_store):
+    store = open_store()
+    journal, attempts = store._journal, []
+
+    def disk_full():
+        attempts.append(1)
+        raise sqlite3.OperationalError("database or disk is full")
+    journal._commit = disk_full
+    journal.RETRY_SECONDS = 60
+    with pytest.raises(orchestrator.StorageError):
+        store.create({"work_directory": "/r", "prompt": "p"})
+    for _ in range(5):
+        with pytest.raises(orchestrator.StorageError):
+            store.statistics()  # answered at once: the failure is fresh
+    assert len(attempts) == 1
+    journal.RETRY_SECONDS = 0
+    with pytest.raises(orchestrator.StorageError):
+        store.statistics()  # its interval is over: this read tries again
+    assert len(attempts) == 2
+    del journal._commit
 
 
 def test_a_claim_that_could_not_be_saved_goes_back_first_in_line(open_store):
@@ -4883,12 +4909,20 @@ def cli(live_url, tmp_path):
 @pytest.mark.parametrize("flags, env, named", [
     (["--token", "密钥"], {}, "--token"),
     (["--token", "abc "], {}, "--token"),
-    ([], {"APP_SECURITY_API_KEY": "clé"}, "APP_SECURITY_API_KEY"),
+    ([], {"APP_SECURITY_API_KEY": "密钥"}, "APP_SECURITY_API_KEY"),
 ])
 def test_a_key_no_header_can_carry_is_a_usage_error_naming_it(cli, flags, env, named):
     status, _, err = cli("stats", *flags, env=env)
     assert status == 2 and named in err and "printable ASCII" in err
     assert "Traceback" not in err
+
+
+def test_a_key_with_spaces_inside_is_taken_and_works(store):
+    key = "correct horse battery staple"
+    config = Config.from_env({"APP_SECURITY_API_KEY": key, "APP_SECURITY_RATE_LIMIT": "0"})
+    client = webtest.TestApp(create_app(config, store))
+    assert client.get("/api/v1/statistics", headers={"Authorization": f"Bearer {key}"}
+                      ).status_int == 200
 
 
 def test_add_takes_the_prompt_from_arguments_and_the_directory_from_here(cli, live_store,
