@@ -5684,7 +5684,8 @@ class _Worker:
         A rate limit is waited out as the server says (Retry-After); anything
         else backs off, doubling to 10 s. A claim gives up (None) at once when a
         first Ctrl-C asks the worker to stop: the server gives back whatever it
-        finds for a claimant that has hung up.
+        finds for a claimant that has hung up. With --once, a claim that cannot
+        reach the server stops the worker (exit 2): a script is not left waiting.
         """
         delay = 1.0
         while True:
@@ -5696,9 +5697,14 @@ class _Worker:
                     return None
                 status, envelope = answer
             except OSError as error:
+                reason = getattr(error, "reason", error)
+                if claiming and self.settings.once:  # a one-off run: say so, and stop
+                    logger.error("cannot reach the orchestrator at %s (%s); no task was "
+                                 "claimed", self.api.url, reason)
+                    raise _Broken(2) from None
                 pause = delay
                 logger.warning("cannot reach the orchestrator at %s (%s); retrying in %.0f s",
-                               self.api.url, getattr(error, "reason", error), pause)
+                               self.api.url, reason, pause)
             else:
                 if status == 429:
                     details = (envelope.get("error") or {}).get("details") or {}

@@ -5537,6 +5537,17 @@ def test_worker_retries_while_the_server_is_down(tmp_path, spawn):
     assert "Traceback" not in worker.stderr.read()
 
 
+def test_worker_once_exits_2_when_the_server_cannot_be_reached(tmp_path):
+    # A script's one-off run must not wait forever behind a mistyped --url.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    status, stderr = run_worker(url, tmp_path)
+    assert status == 2 and "cannot reach the orchestrator" in stderr
+    assert "retrying" not in stderr and "Traceback" not in stderr
+
+
 # ---------------------------------------------------------------------------
 # The page at /, in a real browser (headless Chromium through Selenium)
 # ---------------------------------------------------------------------------
