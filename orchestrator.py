@@ -1093,7 +1093,7 @@ TASK_FILTERS = (
     dataclasses.replace(PRIORITY, default=None),
     WORKER_ID,
     dataclasses.replace(WORK_DIRECTORY, required=False),
-    TAG,
+    dataclasses.replace(TAG, description="Only the tasks with this tag."),
     Field("blocked", "string", enum=("true", "false"),
           description="true: only waiting tasks blocked by a dependency; false: all others."),
     dataclasses.replace(TASK_ID, name="depends_on", required=False,
@@ -1104,8 +1104,10 @@ TASK_FILTERS = (
 )
 LIST_QUERY = Schema("ListQuery", (
     *TASK_FILTERS,
-    Field("limit", "integer", minimum=1, maximum=1000, default=50),
-    Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0),
+    Field("limit", "integer", minimum=1, maximum=1000, default=50,
+          description="How many tasks a page holds at most."),
+    Field("offset", "integer", minimum=0, maximum=_MAX_SAFE_INTEGER, default=0,
+          description="How many of the matching tasks, newest first, to skip."),
 ))
 BULK_LIMIT = 1000  # tasks one bulk call changes at most, so that it holds the lock briefly
 TASK_BULK = Schema("TaskBulk", (
@@ -1379,6 +1381,8 @@ def _lock_beside(path: str) -> int:
     database itself, which ours must not disturb. The OS drops it when the
     process dies, so even a kill -9 leaves no stale lock behind.
     """
+    if os.path.isdir(path):  # SQLite would only say it cannot open it
+        raise ConfigError(f"cannot use the database file {path}: it is a directory")
     try:
         descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:

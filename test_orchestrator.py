@@ -2893,11 +2893,13 @@ def bad_data_files(tmp_path):
         "not a database": (text, "not"),
         "another program's database": (foreign, "not"),
         "a newer schema": (newer, "newer"),
+        "a directory": (tmp_path, "is a directory"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing directory", "parent is a file", "not a database",
-                                  "another program's database", "a newer schema"])
+                                  "another program's database", "a newer schema",
+                                  "a directory"])
 def test_an_unusable_data_file_exits_2_naming_it(tmp_path, capsys, case):
     path, words = bad_data_files(tmp_path)[case]
     assert orchestrator.main(["--data-file", str(path), "--port", "0"]) == 2
@@ -4495,6 +4497,13 @@ def test_a_get_with_a_body_too_large_answers_a_documented_status(client, documen
     res = client.get(path, headers={"Content-Length": "2000000"}, expect_errors=True)
     assert res.status_int == 413
     assert "413" in document["paths"][path]["get"]["responses"]
+
+
+def test_every_parameter_says_what_it_is_for(document):
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                assert parameter["description"], (method, path, parameter["name"])
 
 
 def test_the_document_is_openapi_3_1_in_shape(document):
