@@ -4792,6 +4792,10 @@ def main(argv: list[str] | None = None) -> int:
             return commands[argv[0]](argv[1:])
         if argv and argv[0] in _CLIENT_COMMANDS:
             return _main_client(argv[0], argv[1:])
+        if argv and not argv[0].startswith("-"):  # serving takes flags only: a mistyped command
+            print(f"{_program()}: unknown command {argv[0]}; the commands are "
+                  f"{', '.join([*_CLIENT_COMMANDS, *commands])} (none: serve)", file=sys.stderr)
+            return 2
         return _main_serve(argv)
     except KeyboardInterrupt:  # Ctrl-C where nothing handles it itself (wait, mcp-stdio)
         return 130

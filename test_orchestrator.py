@@ -5064,6 +5064,12 @@ def test_wait_exits_0_when_the_task_completed_and_1_otherwise(cli, live_store):
     assert status == 1 and "not finished after 1 s" in err
 
 
+def test_a_mistyped_command_is_named_with_the_commands_there_are(capsys):
+    assert orchestrator.main(["lss"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command lss; the commands are add, ls," in err and "(none: serve)" in err
+
+
 def test_wait_on_a_task_cancelled_without_a_reason_says_just_that(cli, live_store):
     task, _ = live_store.create({"work_directory": "/a", "prompt": "p"})
     live_store.cancel(task.id)
