@@ -3001,6 +3001,21 @@ def test_a_refusal_is_answered_only_once_what_it_shows_is_on_disk(open_store):
     assert isinstance(reading.error, orchestrator.NotFound)
 
 
+def test_a_refusal_waits_for_what_its_own_settling_changed(open_store, clock, data_file):
+    store = open_store()
+    task, _ = store.create({"work_directory": "/r", "prompt": "p"})
+    store.claim("/r", "w")
+    clock.advance(61)  # the lease has run out: the next request, any request, expires it
+    with held_commits(store):
+        refusing = Background(store.get, NO_SUCH_TASK)
+        refusing.start()
+        refusing.join(0.3)
+        assert refusing.is_alive()  # the expiry it made is not on disk yet
+    refusing.join(10)
+    assert isinstance(refusing.error, orchestrator.NotFound)
+    assert status_on_disk(data_file, task.id) == "waiting"
+
+
 def test_once_the_disk_has_room_a_read_saves_what_was_missed_and_answers(open_store):
     store = open_store()
     store._journal.RETRY_SECONDS = 0  # not a second after the failure: at once
