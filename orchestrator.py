@@ -199,14 +199,17 @@ def _text(raw: str) -> str:
 
 
 #: Printable ASCII, spaces inside only: what every client sends alike in a header.
-_API_KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
+_SENDABLE_API_KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
 
 
 def _api_key_text(raw: str) -> str:
-    """An API key every client can send. The server strips the token it reads, so
-    spaces at the ends could never match, nor could a control character; beyond
-    ASCII, clients disagree (curl sends UTF-8, browsers and Python Latin-1)."""
-    if not _API_KEY.fullmatch(raw):
+    """An API key every client can send alike, or ValueError.
+
+    The server strips the token it reads, so spaces at the ends would never
+    match; a header cannot carry a control character; beyond ASCII, clients
+    disagree (curl sends UTF-8, browsers and Python Latin-1).
+    """
+    if not _SENDABLE_API_KEY.fullmatch(raw):
         raise ValueError("printable ASCII, with no spaces at either end (it travels in the "
                          "Authorization header)")
     return raw
@@ -1212,17 +1215,15 @@ def _quote(value: object) -> str:
 #: values reach the log, so these are always escaped: one event, one line of text.
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+")
-#: The same but for line breaks and tabs, for what the command line prints.
-_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape_controls(text: str) -> str:
     """The text with every control character written as a \\uXXXX escape."""
-    return _CONTROLS.sub(_escaped_control, text)
+    return _CONTROLS.sub(_as_unicode_escape, text)
 
 
-def _escaped_control(match: re.Match) -> str:
-    """A control character matched, as a \\uXXXX escape."""
+def _as_unicode_escape(match: re.Match) -> str:
+    """A matched character as a \\uXXXX escape."""
     return f"\\u{ord(match.group()):04x}"
 
 
@@ -1381,8 +1382,6 @@ def _lock_beside(path: str) -> int:
     database itself, which ours must not disturb. The OS drops it when the
     process dies, so even a kill -9 leaves no stale lock behind.
     """
-    if os.path.isdir(path):  # SQLite would only say it cannot open it
-        raise ConfigError(f"cannot use the database file {path}: it is a directory")
     try:
         descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
@@ -1530,13 +1529,14 @@ class _Journal:
         journal.close()
     """
 
-    RETRY_SECONDS = 1.0  #: how often a read retries a failed batch while nothing else does
-
-    def __init__(self, path: str, sync: str = "full") -> None:
+    def __init__(self, path: str, sync: str = "full", retry_seconds: float = 1.0) -> None:
         """Open (creating if needed) and lock the file; ConfigError, naming it, if unusable."""
         if sync not in ("full", "normal"):
             raise ConfigError(f"the journal's sync must be full or normal, not {sync!r}")
         self.path = path  #: the database file
+        #: While a failed batch is the last, how often an operation that changed nothing
+        #: has it tried again: a full disk is not retried for every read.
+        self.retry_seconds = retry_seconds
         self.commits = 0  #: batches committed; fewer than the records means group commit at work
         self._columns = _columns(Task)
         #: By how many rows they write: [n] writes n rows.
@@ -1549,6 +1549,9 @@ class _Journal:
         self._encoded = [(index, column.encode) for index, column in enumerate(self._columns)
                          if column.encode is not None]
         self._counters_on_disk: dict[str, int] = {}  # the writer's: skip rewriting the same
+        # Before the lock file is made beside it; SQLite would only say it cannot open it.
+        if os.path.isdir(path):
+            raise ConfigError(f"cannot use the database file {path}: it is a directory")
         self._lock_descriptor = _lock_beside(path)
         try:
             self._connection = _connect(path, sync, self._columns)
@@ -1563,7 +1566,9 @@ class _Journal:
         self._unsaved: dict[int, tuple | None] = {}  # number -> its latest row; None once deleted
         self._unsaved_counters: dict[str, int] = {}
         self._taken = 0  # the last ticket taken from the queue
-        #: The journal's own lock (never the store's); it guards the attributes below.
+        #: The journal's own lock (never the store's); it guards the attributes below,
+        #: but for ticket_for_no_change's reads of the failure: a stale value there only
+        #: fails one more caller, or delays a retry.
         self._guard = threading.Lock()
         self._wake = threading.Condition(self._guard)  # for the writer: a waiter wants a commit
         #: For the waiters, one per batch: the batch being written (the tickets up to _taken)
@@ -1615,19 +1620,16 @@ class _Journal:
         self._queue.append((self._tickets, rows, deleted, counters))
         return self._tickets
 
-    def latest_ticket(self) -> int:
-        """The ticket for an operation that changed nothing: the latest record()'s.
+    def ticket_for_no_change(self) -> int:
+        """The ticket an operation that changed nothing waits for (call it under the store's lock).
 
-        Call it under the store's lock. When that ticket's batch failed (and
-        nothing committed since), at most once per RETRY_SECONDS it records
-        nothing and hands out the new ticket: the writer then tries the failed
-        changes again, so that reads answer again once the disk has room rather
-        than after the next change, and a full disk is not retried for every
-        read. (These are read without the guard: a failure that lands just now
-        fails this caller, and the next one retries.)
+        That is the latest record()'s, since what the operation read may include
+        it. But when that one's batch failed, at most once per retry_seconds, it
+        is a new, empty record's: the writer then tries the failed changes again,
+        so that reads answer again once the disk has room, with no write needed.
         """
-        failed_last = self._failed == self._tickets and self._committed < self._failed
-        if failed_last and time.monotonic() - self._failed_at >= self.RETRY_SECONDS:
+        last_batch_failed = self._failed == self._tickets and self._committed < self._failed
+        if last_batch_failed and time.monotonic() - self._failed_at >= self.retry_seconds:
             return self.record([], [], {})
         return self._tickets
 
@@ -1892,9 +1894,10 @@ class _Transaction:
     operation waits until that is on disk, so that an answer never shows a
     change the disk has not got (StorageError when it cannot be saved). A
     refusal waits too: its 404 or 409 shows the store as it is, a deletion not
-    yet committed included. Then the events are logged. A class, not a
-    @contextmanager generator: every operation goes through here, and the
-    generator cost a microsecond more each time.
+    yet committed included, and becomes a 503 when that cannot be saved. Then
+    the events are logged. A class, not a @contextmanager generator: every
+    operation goes through here, and the generator cost a microsecond more each
+    time.
     """
 
     __slots__ = ("store", "events")
@@ -2149,13 +2152,19 @@ class TaskStore:
                 self._wait_seconds.observe(now - task.created_at)
                 events.append(_event("claimed", task))
                 return view(task)
-        except StorageError:
-            # Not on disk, and its lease token reached no one: held, the task would wait
-            # out its lease. Handed back, it is first in line again, no retry used.
+        except StorageError:  # raised on leaving the transaction, the claim made in memory
             if task is not None:
-                with contextlib.suppress(OrchestratorError):  # the disk may still be full
-                    self.release(task.id, {"lease_token": lease_token})
+                self._hand_back_unsaved_claim(task.id, lease_token)
             raise
+
+    def _hand_back_unsaved_claim(self, task_id: str, lease_token: str) -> None:
+        """Queue a claimed task again, first of its priority, no retry used: its claim
+        could not be saved, so its lease token reached no one, and held, the task would
+        wait out its lease."""
+        # Refused if the disk is still full (on disk with the next commit that succeeds),
+        # or if another request has changed the task since.
+        with contextlib.suppress(StorageError, Conflict, NotFound):
+            self.release(task_id, {"lease_token": lease_token})
 
     def complete(self, task_id: str, fields: Mapping[str, object] | None = None) -> Task:
         """Record the holder's result; a result with status "failure" counts as a failure."""
@@ -2241,8 +2250,8 @@ class TaskStore:
             self._require(task, RETRYABLE, "retry")
             missing = self._missing_dependency(task)
             if missing is not None:
-                # Whether it completed before it went is not kept: a task that never ran
-                # could wait for it forever.
+                # The store does not keep whether the dependency completed before it
+                # went; a task that never ran would wait for it forever.
                 raise Conflict(f"task {task.id} depends on task {missing}, which is gone "
                                "(deleted, or dropped after retention); a task that has not run "
                                "cannot be retried without its dependencies")
@@ -2423,12 +2432,12 @@ class TaskStore:
         """Queue this operation's changes for the data file; the ticket to wait for (lock held).
 
         An operation that changed nothing still waits for the changes queued
-        before it: what it read may include them.
+        before it: what it read may include them. It may retry a failed batch.
         """
         if self._journal is None:
             return None
         if not self._changed:
-            return self._journal.latest_ticket()
+            return self._journal.ticket_for_no_change()
         tasks, deleted = [], []
         for number, task in self._changed.items():
             if task is None:
@@ -3525,7 +3534,7 @@ def _check_query(schema: Schema) -> dict:
     query: dict[str, object] = {}
     for name, value in _query_pairs():
         declared = schema.field(name)
-        if name in query and declared is not None:  # an unknown one is refused as such below
+        if name in query and declared is not None:  # an unknown name: schema.clean names it
             raise _invalid(name, "must be given at most once")
         if declared is not None and declared.type == "integer":
             # Python refuses to parse more than 4300 digits; far past any bound anyway.
@@ -4101,9 +4110,9 @@ def _acquire_by_tool(store: TaskStore, arguments: dict) -> dict:
     return {"task": _claim_task(store, arguments)}
 
 
-def _read_by_tool(store: TaskStore, arguments: dict) -> dict:
-    """get_task: the REST read, with no wait (wait_for_task is the one that waits)."""
-    return _get_task(store, {"wait": 0}, arguments["task_id"])
+def _get_by_tool(store: TaskStore, arguments: dict) -> dict:
+    """get_task: the REST read with READ_QUERY's defaults (no wait: wait_for_task waits)."""
+    return _get_task(store, READ_QUERY.clean({}), arguments["task_id"])
 
 
 def _with_task_id(name: str, body: Schema | None = None) -> Schema:
@@ -4158,7 +4167,7 @@ _TOOLS = {tool.name: tool for tool in (
           _with_task_id("retry_task", TASK_RETRY), _TASK_SCHEMA, _through_rest(_retry_task),
           _ADDITIVE),
     _Tool("get_task", "Get a task", "Read one task by id.",
-          _with_task_id("get_task"), _TASK_SCHEMA, _read_by_tool,
+          _with_task_id("get_task"), _TASK_SCHEMA, _get_by_tool,
           _READ_ONLY),
     _Tool("wait_for_task", "Wait for a task to finish",
           "Wait up to `wait` seconds (at most 20) for a task to be completed, failed or "
@@ -4175,7 +4184,7 @@ _TOOLS = {tool.name: tool for tool in (
           _DESTRUCTIVE),
     _Tool("list_tasks", "List tasks",
           "A page of tasks, newest first, filtered by status, priority, worker_id, "
-          "work_directory or tag.",
+          "work_directory, tag, blocked, depends_on or text (q).",
           Schema("list_tasks", LIST_QUERY.fields), _PAGE_SCHEMA, _through_rest(_list_tasks),
           _READ_ONLY),
     _Tool("list_directories", "List work directories",
@@ -4254,6 +4263,7 @@ def _check_modern_request(message: dict) -> None:
     for header, body_value in mirrored:
         sent = _decode_header(_header(header))
         if sent != body_value:
+            # JSON, not Python's repr: the client reads null, not None.
             raise _RpcError(_HEADER_MISMATCH, f"Header mismatch: {header} header value "
                             f"{json.dumps(sent)} does not match body value "
                             f"{json.dumps(body_value)}", status=400)
@@ -4397,6 +4407,11 @@ def _render_rpc_refusal(error: OrchestratorError) -> bytes:
 # says exactly what validation enforces and what every response carries.
 # ---------------------------------------------------------------------------
 
+#: What any request can be answered with before or around its handler: a bad or too
+#: large body (the gate), a refused host or origin, a wrong method, an unexpected error.
+_GATE_STATUSES = [400, 403, 405, 413, 500]
+
+
 def _openapi_document() -> dict:
     """The OpenAPI 3.1 document of the whole HTTP API."""
     paths: dict[str, dict] = {}
@@ -4409,7 +4424,7 @@ def _openapi_document() -> dict:
         "responses": {
             "200": {"description": "One HTML document with its script and style inline.",
                     "content": {"text/html": {"schema": {"type": "string"}}}},
-            **_error_responses([400, 403, 405, 413, 500]),
+            **_error_responses(_GATE_STATUSES),
         },
     }}
     paths["/metrics"] = {"get": {
@@ -4422,7 +4437,7 @@ def _openapi_document() -> dict:
             "200": {"description": "The Prometheus text exposition format, version 0.0.4.",
                     "content": {"text/plain; version=0.0.4; charset=utf-8": {
                         "schema": {"type": "string"}}}},
-            **_error_responses([400, 401, 403, 405, 413, 429, 500]),
+            **_error_responses(sorted({*_GATE_STATUSES, 401, 429})),
         },
     }}
     paths["/openapi.json"] = {"get": {
@@ -4431,7 +4446,7 @@ def _openapi_document() -> dict:
         "responses": {
             "200": {"description": "The OpenAPI document.", "headers": _PUBLIC_HEADERS,
                     "content": {"application/json": {"schema": {"type": "object"}}}},
-            **_error_responses([400, 403, 405, 413, 500]),
+            **_error_responses(_GATE_STATUSES),
         },
     }}
     return {
@@ -4475,7 +4490,7 @@ def _operation(route: _Route) -> dict:
     """One REST route as an OpenAPI operation."""
     guarded = route.path.startswith("/api/")
     # 403: the Host rule covers every route; 503: a data file that cannot be written.
-    statuses = {400, 403, 405, 413, 500, 503}
+    statuses = {*_GATE_STATUSES, 503}
     statuses |= {401, 429} if guarded else set()
     statuses |= {415} if route.body is not None else set()
     statuses |= {404} if "{task_id}" in route.path else set()
@@ -4797,7 +4812,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join([*_CLIENT_COMMANDS, *commands])} (none: serve)", file=sys.stderr)
             return 2
         return _main_serve(argv)
-    except KeyboardInterrupt:  # Ctrl-C where nothing handles it itself (wait, mcp-stdio)
+    except KeyboardInterrupt:  # Ctrl-C with no handler of its own: client commands, mcp-stdio
         return 130
 
 
@@ -4919,6 +4934,25 @@ def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
     return check
 
 
+def _directory(path: str) -> str:
+    """A directory given on the command line, made absolute as the shell shows it.
+
+    A relative path is taken from $PWD when that is where the process runs:
+    through a symbolic link, `pwd` shows the link while the system's idea of the
+    current directory is the real path, and a task added here must match a
+    worker started with --work-path "$PWD".
+    """
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    here = os.environ.get("PWD", "")
+    try:
+        pwd_is_here = os.path.isabs(here) and os.path.samefile(here, ".")
+    except OSError:  # gone, or not allowed to look
+        pwd_is_here = False
+    return os.path.normpath(os.path.join(here if pwd_is_here else os.getcwd(), path))
+
+
 def _connection_flags(parser: argparse.ArgumentParser,
                       url_help: str = "the orchestrator's base URL") -> None:
     """--url and --token, as every client command takes them."""
@@ -4931,13 +4965,17 @@ def _connection_flags(parser: argparse.ArgumentParser,
 
 
 def _api_key(parser: argparse.ArgumentParser, flag: str | None) -> str | None:
-    """--token, else APP_SECURITY_API_KEY, read here so that --help never shows it (a
-    usage error, exit 2, when it is no key a header can carry)."""
+    """--token, else APP_SECURITY_API_KEY; read here, so that --help never shows it.
+
+    A key no header can carry is a usage error (parser.error exits 2).
+    """
     if flag is not None:
         return flag  # checked as the flags were parsed
-    raw = os.environ.get("APP_SECURITY_API_KEY") or None  # empty counts as unset
+    raw = os.environ.get("APP_SECURITY_API_KEY", "")
+    if raw == "":  # unset, as Config.from_env counts it
+        return None
     try:
-        return None if raw is None else _parse_setting("APP_SECURITY_API_KEY", _api_key_text, raw)
+        return _parse_setting("APP_SECURITY_API_KEY", _api_key_text, raw)
     except ConfigError as error:
         parser.error(str(error))
 
@@ -5025,37 +5063,11 @@ def _main_client(name: str, argv: list[str]) -> int:
     try:
         data = command.run(_ApiClient(args.url, _api_key(parser, args.token)), args)
     except _CommandFailed as failure:
-        print(_for_terminal(f"{_program()} {name}: {failure}"), file=sys.stderr)
+        print(_escaped_for_terminal(f"{_program()} {name}: {failure}"), file=sys.stderr)
         return failure.status
-    print(_for_terminal(json.dumps(data, indent=2, ensure_ascii=False) if args.json
-                        else command.show(data)))
+    text = json.dumps(data, indent=2, ensure_ascii=False) if args.json else command.show(data)
+    print(_escaped_for_terminal(text))
     return 0
-
-
-def _directory(path: str) -> str:
-    """A directory given on the command line, made absolute as the shell shows it.
-
-    A relative path is taken from $PWD when that is where the process runs:
-    through a symbolic link, `pwd` shows the link while the system's idea of the
-    current directory is the real path, and a task added here must match a
-    worker started with --work-path "$PWD".
-    """
-    path = os.path.expanduser(path)
-    if os.path.isabs(path):
-        return os.path.normpath(path)
-    here = os.environ.get("PWD", "")
-    try:
-        shown = os.path.isabs(here) and os.path.samefile(here, ".")
-    except OSError:  # gone, or not allowed to look
-        shown = False
-    return os.path.normpath(os.path.join(here if shown else os.getcwd(), path))
-
-
-def _for_terminal(text: str) -> str:
-    """Text to print, its control characters escaped as in the logs but for line breaks
-    and tabs: task text must not drive the terminal of whoever reads it (set its title,
-    clear it, forge a line). JSON allows the escapes inside its strings too."""
-    return _TERMINAL_CONTROLS.sub(_escaped_control, text)
 
 
 def _ask(api: _ApiClient, method: str, path: str, body: dict | None = None,
@@ -5085,7 +5097,7 @@ def _each(api: _ApiClient, ids: list[str], action: Callable[[str], object]) -> l
             refused.append(str(failure) if task_id in str(failure) else f"{task_id}: {failure}")
     if refused:
         for answer in done:
-            print(_for_terminal(f"{answer['id']}: {answer.get('status', 'deleted')}"))
+            print(_escaped_for_terminal(f"{answer['id']}: {answer.get('status', 'deleted')}"))
         raise _CommandFailed("\n".join(refused))
     return done
 
@@ -5205,6 +5217,20 @@ def _wait(api: _ApiClient, args: argparse.Namespace) -> dict:
                                  f"(it is {task['status']})")
         if time.monotonic() - asked < 1:
             time.sleep(1)  # answered at once (every waiting slot taken): do not hammer it
+
+
+#: Control characters a terminal would act on: those of the logs (_CONTROLS), but for
+#: line breaks and tabs, which printed text needs.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped_for_terminal(text: str) -> str:
+    """Text to print, with _TERMINAL_CONTROLS as \\uXXXX escapes.
+
+    Task text must not drive the terminal of whoever reads it (set its title,
+    clear it, forge a line). JSON allows these escapes inside its strings too.
+    """
+    return _TERMINAL_CONTROLS.sub(_as_unicode_escape, text)
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple], flexible: tuple[int, ...] = ()) -> str:
@@ -5565,7 +5591,8 @@ class _Abort(Exception):
 
 
 class _Broken(Exception):
-    """The worker cannot go on (its command cannot start, or fails every task): exit status."""
+    """The worker cannot go on (its command cannot start or fails every task, or --once
+    cannot reach the server): its exit status."""
 
     def __init__(self, status: int) -> None:
         super().__init__(status)
@@ -5636,7 +5663,7 @@ class _Worker:
                     self._work_on(task)
                 if self.settings.once:
                     break
-                if task is None and not self._interrupts:
+                if task is None and not self._interrupts:  # stopping: no pause first
                     # A claim can answer "nothing" at once (--wait 0, or every long-poll
                     # slot taken): pause, so that an idle worker never hammers the server.
                     self._pause(1.0)
@@ -5706,7 +5733,7 @@ class _Worker:
                 status, envelope = answer
             except OSError as error:
                 reason = getattr(error, "reason", error)
-                if claiming and self.settings.once:  # a one-off run: say so, and stop
+                if claiming and self.settings.once:  # for scripts: a wrong --url fails now
                     logger.error("cannot reach the orchestrator at %s (%s); no task was "
                                  "claimed", self.api.url, reason)
                     raise _Broken(2) from None
