@@ -4378,6 +4378,18 @@ def test_mcp_stdio_relays_both_eras_and_exits_when_stdin_closes(live_url, live_s
     assert live_store.statistics()["working_tasks"] == 1
 
 
+def test_ctrl_c_on_mcp_stdio_exits_130_without_a_traceback(live_url, spawn):
+    relay = spawn([sys.executable, str(MODULE), "mcp-stdio", "--url", live_url],
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True)
+    relay.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}) + "\n")
+    relay.stdin.flush()
+    assert json.loads(relay.stdout.readline())["id"] == 1  # so it reads stdin again now
+    relay.send_signal(signal.SIGINT)
+    _, err = relay.communicate(timeout=10)
+    assert relay.returncode == 130 and "Traceback" not in err
+
+
 def test_mcp_stdio_survives_text_that_cannot_be_a_header(live_url):
     modern = {"_meta": META}
     lines = [
