@@ -5532,9 +5532,10 @@ def _main_work(argv: list[str]) -> int:
                         help="seconds each claim waits for a task")
     parser.add_argument("--once", action="store_true",
                         help="handle one task (or none, if none comes within --wait), then exit")
-    parser.add_argument("--max-output", type=_flag(_integer(1, 2**31 - 1)),
-                        default=default["max_output"], metavar="BYTES", help="how much of the end of the command's output "
-                                              "to report")
+    parser.add_argument("--max-output", type=_flag(_integer(1, MAX_REPORTED_OUTPUT)),
+                        default=default["max_output"], metavar="BYTES",
+                        help="how much of the end of the command's output to report "
+                             f"(at most {MAX_REPORTED_OUTPUT})")
     parser.add_argument("--max-failures", type=_flag(_integer(0, 1_000_000)),
                         default=default["max_failures"], metavar="N", help="stop (exit status 3) after N tasks failed in a row; "
                                           "0: never")
@@ -5550,7 +5551,8 @@ def _main_work(argv: list[str]) -> int:
         parser.error("give the command to run after --, e.g. -- claude -p")
     _configure_logging(Config())
     work_path = _directory(args.work_path)
-    if shutil.which(command[0]) is None:
+    program = shutil.which(command[0])
+    if program is None:
         logger.error("cannot run %s: no such command, or it is not executable; "
                      "no task was claimed", command[0])
         return 2
@@ -5560,7 +5562,7 @@ def _main_work(argv: list[str]) -> int:
     settings = _WorkerSettings(
         work_path=work_path,
         worker_id=args.worker_id if args.worker_id is not None else _default_worker_id(),
-        command=command, wait=args.wait, once=args.once, max_output=args.max_output,
+        command=command, program=os.path.abspath(program), wait=args.wait, once=args.once, max_output=args.max_output,
         max_failures=args.max_failures, grace=args.grace, quiet=args.quiet,
     )
     return _Worker(_ApiClient(args.url, _api_key(parser, args.token)), settings).run()
@@ -5578,12 +5580,21 @@ class _WorkerSettings:
     work_path: str
     worker_id: str
     command: list[str]
+    #: The file command[0] names, found from where the worker started: a relative
+    #: ./agent is not looked for again in each task's directory, where a file of
+    #: that name in the checkout would run instead.
+    program: str | None = None
     wait: int = 20
     once: bool = False
     max_output: int = 65536
     max_failures: int = 3  #: consecutive failed tasks before the worker stops; 0: never
     grace: float = 10  #: seconds between SIGTERM and SIGKILL for a stopped command
     quiet: bool = False
+
+
+#: The most of a command's output a report carries: escaped as JSON (6 bytes for some
+#: bytes), it still fits the server's default body limit (APP_SERVER_MAX_BODY, 1 MiB).
+MAX_REPORTED_OUTPUT = 131_072
 
 
 class _Abort(Exception):
@@ -5613,8 +5624,11 @@ class _Output:
         """Read the stream to its end (in a thread of its own)."""
         while chunk := stream.read1(65536):
             if self.echo is not None:
-                self.echo.write(chunk)
-                self.echo.flush()
+                try:
+                    self.echo.write(chunk)
+                    self.echo.flush()
+                except OSError:  # the worker's own output is closed (`| head`): read on
+                    self.echo = None
             with self._lock:
                 self.tail += chunk
                 del self.tail[:-self.limit]
@@ -5831,15 +5845,24 @@ class _Worker:
             return
         try:
             process = subprocess.Popen(
-                argv, cwd=task["work_directory"], start_new_session=True,
+                argv, executable=self.settings.program, cwd=task["work_directory"],
+                start_new_session=True,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env={**os.environ, "ORCHESTRATOR_TASK_ID": task["id"],
-                     "ORCHESTRATOR_URL": self.api.url},
+                env=self._agent_environment(task),
             )
         except OSError as error:
             self._cannot_start(task, argv, error, started)
             return
         self._supervise(task, process, started)
+
+    def _agent_environment(self, task: dict) -> dict[str, str]:
+        """The worker's environment, and what an agent needs to queue follow-up work with
+        `orchestrator add`: the server's URL and, when the worker has one, its API key."""
+        environment = {**os.environ, "ORCHESTRATOR_TASK_ID": task["id"],
+                       "ORCHESTRATOR_URL": self.api.url}
+        if self.api.token is not None:
+            environment["APP_SECURITY_API_KEY"] = self.api.token
+        return environment
 
     def _cannot_start(self, task: dict, argv: list[str], error: OSError, started: float) -> None:
         """A command that does not start: the task's fault only if its prompt is too long."""
@@ -5896,10 +5919,18 @@ class _Worker:
             process.stdin.close()
 
     def _await_exit(self, process: subprocess.Popen, readers: list[threading.Thread]) -> None:
-        """Announce the command's exit once its output is read to the end."""
+        """Announce the command's exit once its output is read to the end.
+
+        What the command left running in its process group is stopped first: the
+        task is over, and such a process may hold the output open, whose end
+        would then never come. One that left the group is waited for 5 s at most.
+        """
         process.wait()
+        if _group_alive(process.pid):
+            logger.warning("the command left processes running; stopping them")
+            self._stop(process)
         for reader in readers[1:]:
-            reader.join()
+            reader.join(5)
         self._events.put(("exited",))
 
     def _wait_for_command(self, process: subprocess.Popen, task: dict) -> str | None:
@@ -5938,15 +5969,20 @@ class _Worker:
                 return
 
     def _stop(self, process: subprocess.Popen) -> None:
-        """Stop the command's whole process group: politely, then after the grace period not."""
+        """Stop the command's whole process group: politely, then after the grace period not.
+
+        Every member counts, not only the command: a helper that ignores SIGTERM
+        outlives a command that does not.
+        """
         for signum, grace in ((signal.SIGTERM, self.settings.grace), (signal.SIGKILL, 5)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signum)
-            try:
-                process.wait(grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                process.poll()  # a command that has exited leaves the group once reaped
+                if not _group_alive(process.pid):
+                    return
+                time.sleep(0.05)
 
     def _finish(self, task: dict, status: int, stdout: _Output, stderr: _Output,
                 started: float) -> None:
@@ -5988,6 +6024,21 @@ class _Worker:
     def _log_task(self, task: dict, outcome: str, started: float) -> None:
         """The line that ends a task: id, outcome, how long it ran."""
         logger.info("task %s: %s (ran %.1f s)", task["id"], outcome, time.monotonic() - started)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process group has a member left (a zombie not yet reaped counts).
+
+    The group's id is its first member's pid, which the system hands out to no
+    new process while the group has members.
+    """
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member that changed its user: alive, and not ours to stop
+        return True
+    return True
 
 
 def _last_lines(text: str, limit: int = 4000) -> str:

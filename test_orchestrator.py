@@ -5351,6 +5351,107 @@ def test_worker_cancel_stops_the_agent_within_seconds(worker_server, tmp_path, s
     assert "the task was cancelled" in worker.stderr.read()
 
 
+def running(pid):
+    """Whether a process runs (a zombie no one has reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+#: A helper an agent leaves running: it says its pid in the file `helper` once ready,
+#: and ignores SIGTERM when HELPER_IGNORES_TERM is set.
+HELPER = """
+import os, signal, time
+if os.environ.get("HELPER_IGNORES_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open("helper.tmp", "w").write(str(os.getpid()))
+os.rename("helper.tmp", "helper")
+time.sleep(60)
+"""
+#: An agent that starts HELPER in its process group, with the agent's own output.
+AGENT_WITH_HELPER = f"""
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", {HELPER!r}])
+while not os.path.exists("helper"):
+    time.sleep(0.02)
+print("agent done", flush=True)
+time.sleep(float(os.environ.get("AGENT_SLEEP", "0")))
+"""
+
+
+def test_worker_reports_an_agent_that_exits_leaving_a_helper_on_its_output(worker_server,
+                                                                           tmp_path):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    status, stderr = run_worker(url, tmp_path, "--grace", "1", agent=("-c", AGENT_WITH_HELPER))
+    assert status == 0, stderr
+    done = store.get(task.id)
+    assert done.status == "completed" and done.result["output"] == "agent done\n"
+    assert not running(int((tmp_path / "helper").read_text()))  # stopped with its agent
+
+
+def test_worker_cancel_kills_a_helper_that_ignores_sigterm_after_its_agent_died(
+        worker_server, tmp_path, spawn):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    worker = spawn(worker_command(url, tmp_path, "--once", "--grace", "1",
+                                  agent=("-c", AGENT_WITH_HELPER)), text=True,
+                   env={**os.environ, "AGENT_SLEEP": "30", "HELPER_IGNORES_TERM": "1"},
+                   stderr=subprocess.PIPE)
+    wait_until(lambda: (tmp_path / "helper").exists())
+    store.cancel(task.id)
+    assert worker.wait(timeout=15) == 0  # SIGTERM ended the agent; SIGKILL, its helper
+    assert "the task was cancelled" in worker.stderr.read()
+    assert not running(int((tmp_path / "helper").read_text()))
+
+
+def test_worker_runs_a_relative_command_as_found_where_it_started(worker_server, tmp_path):
+    url, store = worker_server
+    for folder, says in ((tmp_path, "the agent"), (tmp_path / "proj", "a file of the checkout")):
+        script = folder / "agents" / "ok"
+        script.parent.mkdir(parents=True)
+        script.write_text(f"#!{sys.executable}\nprint({says!r})\n")
+        script.chmod(0o755)
+    task, _ = store.create({"work_directory": str(tmp_path / "proj"), "prompt": "p"})
+    result = subprocess.run(
+        [sys.executable, str(MODULE), "work", "--url", url, "--work-path", "proj", "--wait", "0",
+         "--once", "--", "./agents/ok"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert store.get(task.id).result["output"] == "the agent\n"
+
+
+def test_worker_whose_output_is_closed_still_reports_without_a_traceback(worker_server,
+                                                                         tmp_path, spawn):
+    url, store = worker_server
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    agent = ("-c", "for n in range(20000): print('line', n)")  # more than a pipe holds
+    worker = spawn(worker_command(url, tmp_path, "--once", agent=agent), text=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker.stdout.close()  # as `| head -2` does
+    assert worker.wait(timeout=20) == 0
+    assert "Traceback" not in worker.stderr.read()
+    done = store.get(task.id)
+    assert done.status == "completed" and done.result["output"].endswith("line 19999\n")
+
+
+def test_worker_gives_its_agents_the_api_key_it_was_given(tmp_path):
+    store = TaskStore()
+    config = Config(rate_limit=0, api_key="sekrit")
+    task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
+    agent = ("-c", "import os; print(os.environ.get('APP_SECURITY_API_KEY'))")
+    environment = {key: value for key, value in os.environ.items()
+                   if key != "APP_SECURITY_API_KEY"}
+    with running_server(config, create_app(config, store)) as url:
+        result = subprocess.run(worker_command(url, tmp_path, "--once", "--token", "sekrit",
+                                               agent=agent),
+                                capture_output=True, text=True, timeout=30, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert store.get(task.id).result["output"] == "sekrit\n"  # so `orchestrator add` works
+
+
 def test_worker_shows_progress_while_the_agent_runs(worker_server, tmp_path, spawn):
     url, store = worker_server
     task, _ = store.create({"work_directory": str(tmp_path), "prompt": "p"})
@@ -5505,7 +5606,8 @@ def test_worker_whose_claims_are_refused_exits_2_saying_why(worker_server, tmp_p
 
 
 @pytest.mark.parametrize("args", [
-    ["--max-output", "0"], ["--max-output", "-3"], ["--grace", "-5"],
+    ["--max-output", "0"], ["--max-output", "-3"], ["--max-output", "131073"],
+    ["--grace", "-5"],
     ["--max-failures", "-1"], ["--wait", "25"],
 ])
 def test_worker_numbers_are_checked_before_anything(tmp_path, args):
